@@ -1,0 +1,151 @@
+"""Scripted demonstrations -> RLDS.
+
+Worker processes run the environment and its scripted expert (rendering included) and send finished
+episodes back as numpy; the parent writes them with the atomic RLDS writer, so an interrupted
+collection leaves no dataset behind. Workers are spawned, not forked: the parent has TensorFlow loaded.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+# Demonstration seeds live below EVAL_SEED_BASE; evaluation seeds start there, so they never overlap.
+EVAL_SEED_BASE = 1_000_000
+SEEDS_PER_TASK = 10_000
+
+
+def demo_seed(seed: int, task_index: int, episode: int) -> int:
+    s = seed * 100 * SEEDS_PER_TASK + task_index * SEEDS_PER_TASK + episode
+    if s >= EVAL_SEED_BASE or episode >= SEEDS_PER_TASK:
+        raise ValueError(f"--seed/--episodes-per-task: demonstration seed {s} would reach the evaluation "
+                         f"range (>= {EVAL_SEED_BASE}); use --seed < 1 and fewer than {SEEDS_PER_TASK} episodes per task")
+    return s
+
+
+@dataclass(frozen=True)
+class EpisodeRequest:
+    env: str
+    task: str
+    seed: int
+    image_size: int
+    camera: str
+    noise: float
+
+
+def run_expert_episode(req: EpisodeRequest, env=None):
+    """Run one scripted episode; returns a datasets.rlds_writer.Episode."""
+    import envs
+    from envs.experts import make_expert
+    from datasets.rlds_writer import Episode
+
+    own = env is None
+    if own:
+        env = envs.make(req.env, task=req.task, image_size=req.image_size, camera=req.camera)
+    try:
+        expert = make_expert(env, noise=req.noise, seed=req.seed)
+        ts = env.reset(seed=req.seed)
+        expert.reset()
+        observations, actions, rewards, discounts = [dict(ts.observation)], [], [], []
+        while not ts.last():
+            action = np.asarray(expert.act(ts), dtype=np.float32)
+            ts = env.step(action)
+            actions.append(action)
+            rewards.append(float(ts.reward))
+            discounts.append(float(ts.discount))
+            observations.append(dict(ts.observation))
+        success = bool(env.success)
+        meta = {"task": req.task, "instruction": str(env.instruction), "seed": req.seed, "success": success,
+                "env": req.env, "env_version": str(getattr(env, "VERSION", "1"))}
+        return Episode(observations, actions, rewards, discounts, terminal=ts.discount == 0.0, metadata=meta)
+    finally:
+        if own:
+            env.close()
+
+
+_WORKER_ENVS: dict[tuple, Any] = {}
+
+
+def _worker(req: EpisodeRequest):
+    import envs
+
+    key = (req.env, req.task, req.image_size, req.camera)
+    if key not in _WORKER_ENVS:  # one env per task per worker, reused across episodes
+        _WORKER_ENVS[key] = envs.make(req.env, task=req.task, image_size=req.image_size, camera=req.camera)
+    return run_expert_episode(req, _WORKER_ENVS[key])
+
+
+def iter_episodes(requests: list[EpisodeRequest], workers: int) -> Iterator:
+    if workers <= 1:
+        for r in requests:
+            yield _worker(r)
+        return
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) as pool:
+        yield from pool.imap(_worker, requests, chunksize=2)
+
+
+@dataclass
+class CollectResult:
+    path: str
+    episodes_written: int
+    episodes_failed: int
+    transitions: int
+    seconds: float
+    per_task: dict[str, dict[str, float]]
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "episodes_written": self.episodes_written,
+                "episodes_failed": self.episodes_failed, "transitions": self.transitions,
+                "seconds": round(self.seconds, 2), "per_task": self.per_task}
+
+
+def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | Path, seed: int = 0,
+            image_size: int = 64, camera: str = "front", workers: int = 2, noise: float = 0.0,
+            keep_failures: bool = False, image_encoding: str = "png", progress: bool = True) -> CollectResult:
+    import envs
+    from tqdm import tqdm
+
+    from datasets.rlds_writer import AtomicRLDSWriter
+
+    if episodes_per_task < 1:
+        raise ValueError(f"--episodes-per-task: expected >= 1, got {episodes_per_task}")
+    requests = [EpisodeRequest(env_name, task, demo_seed(seed, ti, i), image_size, camera, noise)
+                for ti, task in enumerate(tasks) for i in range(episodes_per_task)]
+    probe = envs.make(env_name, task=tasks[0], image_size=image_size, camera=camera)
+    obs_spec, act_spec = probe.observation_spec(), probe.action_spec()
+    probe.close()
+    sidecar = {"env": env_name, "tasks": tasks, "image_size": image_size, "camera": camera, "seed": seed,
+               "noise": noise, "action_names": list(envs.ACTION_NAMES),
+               "action_low": np.asarray(act_spec.minimum, np.float32).tolist(),
+               "action_high": np.asarray(act_spec.maximum, np.float32).tolist()}
+    writer = AtomicRLDSWriter(out, obs_spec, act_spec, sidecar, image_encoding)
+    per_task = {t: {"episodes": 0, "successes": 0, "steps": 0} for t in tasks}
+    failed = 0
+    start = time.perf_counter()
+    try:
+        bar = tqdm(iter_episodes(requests, workers), total=len(requests), desc="collect", unit="ep",
+                   disable=not progress)
+        for ep in bar:
+            stats = per_task[ep.metadata["task"]]
+            stats["episodes"] += 1
+            stats["steps"] += len(ep.actions)
+            if ep.metadata["success"]:
+                stats["successes"] += 1
+            else:
+                failed += 1
+                if not keep_failures:
+                    continue
+            writer.add(ep)
+        path = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    summary = {t: {"expert_success": s["successes"] / max(s["episodes"], 1),
+                   "mean_length": s["steps"] / max(s["episodes"], 1)} for t, s in per_task.items()}
+    return CollectResult(str(path), writer.num_episodes, failed, writer.num_steps,
+                         time.perf_counter() - start, summary)

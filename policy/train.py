@@ -1,0 +1,183 @@
+"""Behaviour cloning: RLDS sequences -> cross-entropy over discretised action tokens.
+
+The loss is averaged over every action token of every valid step (RT-1). Output: a self-contained
+policy directory (see policy/policy_dir.py) under RUN_DIR/policy, TensorBoard scalars under RUN_DIR/tb.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from policy.action_tokenizer import ActionTokenizer
+from policy.config import ConfigError, ExperimentConfig
+from policy.language import TextTokenizer, train_sentencepiece
+from policy.policy_dir import InputSpec, save_policy_dir
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    policy_dir: str
+    steps: int
+    final_loss: float
+    final_token_accuracy: float
+    seconds: float
+    samples_per_second: float
+
+    def to_json(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def check_writable(out_dir: Path, need_bytes: int = 50 << 20) -> None:
+    """Fail before training when the output cannot be written (permissions or a full disk)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise OSError(f"--out {str(out_dir)!r}: expected a writable directory: {exc.strerror or exc}") from None
+    free = shutil.disk_usage(out_dir).free
+    if free < need_bytes:
+        raise OSError(f"--out {str(out_dir)!r}: expected at least {need_bytes >> 20} MiB free, "
+                      f"the disk has {free >> 20} MiB")
+
+
+def action_bounds(cfg: ExperimentConfig, stats: dict, action_dim: int) -> tuple[list[float], list[float]]:
+    if cfg.data.action_bounds == "spec":
+        low, high = list(cfg.data.action_low), list(cfg.data.action_high)
+        if len(low) != action_dim:
+            raise ConfigError(f"data.action_low: expected {action_dim} values (the dataset's action size), got {len(low)}")
+    else:
+        low, high = list(stats["min"]), list(stats["max"])
+    return low, high
+
+
+def lr_lambda(cfg: ExperimentConfig):
+    warm, total = cfg.train.warmup_steps, cfg.train.steps
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over [B,T,A,bins] logits at valid steps; returns (loss, per-dimension accuracy)."""
+    ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape)
+    m = mask.unsqueeze(-1).to(ce.dtype)
+    denom = m.sum().clamp_min(1.0) * targets.shape[-1]
+    loss = (ce * m).sum() / denom
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == targets).to(ce.dtype) * m
+        acc = correct.sum(dim=(0, 1)) / m.sum().clamp_min(1.0)
+    return loss, acc
+
+
+def train(cfg: ExperimentConfig, data_path: str | Path, out_dir: str | Path, progress: bool = True) -> TrainResult:
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    from datasets.rlds_loader import DataKeys, RLDSDataset, SequenceSpec, TorchBatches, make_sequences
+    from policy.model import PolicyModel
+
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+    keys = DataKeys(camera=cfg.data.camera, proprio=cfg.data.proprio_key if cfg.model.use_proprio else None,
+                    instruction=cfg.data.instruction_key)
+    data = RLDSDataset(data_path, keys)
+    if data.image_shape[-1] != 3:
+        raise ConfigError(f"data.camera {cfg.data.camera!r}: expected RGB frames (H,W,3), the dataset has {data.image_shape}")
+    scan = data.scan()
+    if cfg.data.sequence == "episode" and scan["max_episode_length"] > cfg.data.sequence_length:
+        raise ConfigError(f"data.sequence_length: expected >= the longest episode ({scan['max_episode_length']} steps) "
+                          f"so the memory sees whole episodes as at inference, got {cfg.data.sequence_length}")
+
+    work = out_dir / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    tok_path = train_sentencepiece(data.instructions, work / "tokenizer.model", cfg.model.language.vocab_size)
+    text = TextTokenizer(tok_path, cfg.model.language.max_tokens)
+    instr_ids, instr_mask = (torch.from_numpy(a) for a in text.encode(data.instructions))
+    low, high = action_bounds(cfg, scan["action_stats"], data.action_dim)
+    names = data.sidecar.get("action_names")
+    action_tok = ActionTokenizer(low, high, cfg.model.action_bins,
+                                 names if names and len(names) == data.action_dim else None)
+
+    model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=data.action_dim,
+                        proprio_dim=data.proprio_dim)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    seq = make_sequences(data, SequenceSpec(cfg.data.sequence, cfg.data.sequence_length, cfg.model.image.image_size),
+                         {s: i for i, s in enumerate(data.instructions)}, shuffle=True, seed=cfg.train.seed,
+                         cache=cfg.data.cache_in_memory, shuffle_buffer=cfg.data.shuffle_buffer)
+    batches = iter(TorchBatches(seq, cfg.train.batch_size))
+
+    spec = InputSpec(camera_key=cfg.data.camera.split("/")[-1], image_shape=tuple(data.image_shape),
+                     proprio_key=cfg.data.proprio_key.split("/")[-1] if cfg.model.use_proprio else None,
+                     proprio_dim=data.proprio_dim, action_dim=data.action_dim,
+                     env={k: data.sidecar[k] for k in ("env", "camera", "image_size", "tasks") if k in data.sidecar})
+    tb = SummaryWriter(str(out_dir / "tb"))
+    start = time.perf_counter()
+    wait_s = 0.0
+    loss_v, acc_v = float("nan"), float("nan")
+    samples = 0
+    bar = tqdm(range(cfg.train.steps), desc="train", unit="step", disable=not progress)
+
+    def save() -> Path:
+        return save_policy_dir(out_dir / "policy", cfg, model, tok_path, action_tok, scan["action_stats"], spec,
+                               extra={"trained_steps": step + 1, "dataset": data.dir})
+
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait_s += time.perf_counter() - t0
+        ids = instr_ids[batch["instruction"]]
+        context = model.encode_instruction(ids, instr_mask[batch["instruction"]])
+        logits = model(batch["image"], context, batch.get("proprio"), batch["mask"])
+        targets = action_tok.tokenize(batch["action"])
+        loss, acc = sequence_loss(logits, targets, batch["mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        samples += int(batch["mask"].sum())
+        loss_v, acc_v = float(loss), float(acc.mean())
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
+            elapsed = time.perf_counter() - start
+            tb.add_scalar("train/loss", loss_v, step)
+            tb.add_scalar("train/token_accuracy", acc_v, step)
+            for i, name in enumerate(action_tok.names):
+                tb.add_scalar(f"token_accuracy/{name}", float(acc[i]), step)
+            tb.add_scalar("train/lr", sched.get_last_lr()[0], step)
+            tb.add_scalar("train/grad_norm", float(grad_norm), step)
+            tb.add_scalar("perf/samples_per_second", samples / elapsed, step)
+            tb.add_scalar("perf/data_wait_fraction", wait_s / elapsed, step)
+            bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.steps:
+            save()
+    policy_path = save()
+    tb.close()
+    seconds = time.perf_counter() - start
+    result = TrainResult(str(out_dir), str(policy_path), cfg.train.steps, loss_v, acc_v, seconds, samples / seconds)
+    (out_dir / "train_result.json").write_text(json.dumps(result.to_json(), indent=2))
+    return result

@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""The command line: demo | collect | train | eval | bench | inspect-data.
+
+Every subcommand that produces numbers writes them as JSON with --json PATH (schemas in README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
+DEMO_TASKS = ["reach", "lift", "push"]
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(p)
+
+
+def parse_tasks(env: str, spec: str) -> list[str]:
+    import envs
+
+    known = list(envs.list_tasks(env))
+    if spec == "all":
+        return known
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {unknown} for env {env!r}; expected 'all' or a comma list of {known}")
+    return tasks
+
+
+def cmd_collect(a: argparse.Namespace) -> dict:
+    from datasets.collect import collect
+
+    res = collect(a.env, parse_tasks(a.env, a.tasks), a.episodes_per_task, a.out, seed=a.seed,
+                  image_size=a.image_size, camera=a.camera, workers=a.workers, noise=a.noise,
+                  keep_failures=a.keep_failures, image_encoding=a.image_encoding)
+    print(f"wrote {res.episodes_written} episodes ({res.transitions} steps) to {res.path} in {res.seconds:.0f}s"
+          + (f"; {res.episodes_failed} failed expert episodes" + (" kept" if a.keep_failures else " dropped")
+             if res.episodes_failed else ""))
+    return res.to_json()
+
+
+def cmd_train(a: argparse.Namespace) -> dict:
+    from policy.config import load_config
+    from policy.train import train
+
+    overrides = list(a.overrides)
+    if a.steps is not None:
+        overrides.append(f"train.steps={a.steps}")
+    cfg = load_config(a.config, overrides)
+    res = train(cfg, a.data, a.out)
+    print(f"trained {res.steps} steps in {res.seconds:.0f}s: loss {res.final_loss:.3f}, "
+          f"token accuracy {res.final_token_accuracy:.3f}; policy at {res.policy_dir}")
+    return res.to_json()
+
+
+def cmd_eval(a: argparse.Namespace) -> dict:
+    from rollout.evaluate import evaluate
+
+    tasks = parse_tasks(a.env, a.tasks) if a.tasks else None
+    res = evaluate(a.policy, a.env, tasks, a.episodes_per_task, seed=a.seed, video_dir=a.video_dir,
+                   videos_per_task=a.videos_per_task)
+    print(res.table())
+    return res.to_json()
+
+
+def cmd_demo(a: argparse.Namespace) -> dict:
+    from datasets.collect import collect
+    from policy.config import load_config
+    from policy.train import train
+    from rollout.evaluate import evaluate
+
+    out = Path(a.out)
+    if out.exists() and not a.keep:
+        import shutil
+        shutil.rmtree(out)
+    timings = {}
+    t = time.perf_counter()
+    print(f"[1/3] collecting {a.episodes_per_task} scripted demonstrations per task for {DEMO_TASKS}")
+    col = collect("tabletop", DEMO_TASKS, a.episodes_per_task, out / "data", seed=0, workers=a.workers)
+    timings["collect_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cfg = load_config(a.config, [f"train.steps={a.steps}"] if a.steps else [])
+    print(f"[2/3] training the quickstart TTM policy for {cfg.train.steps} steps on {col.transitions} transitions")
+    tr = train(cfg, col.path, out / "run")
+    timings["train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    print(f"[3/3] evaluating {a.eval_episodes} episodes per task (unseen seeds)")
+    ev = evaluate(tr.policy_dir, "tabletop", DEMO_TASKS, a.eval_episodes, video_dir=out / "videos")
+    timings["eval_s"] = time.perf_counter() - t
+    print(ev.table())
+    print(f"videos: {out / 'videos'}   policy: {tr.policy_dir}   tensorboard --logdir {out / 'run' / 'tb'}")
+    result = {"collect": col.to_json(), "train": tr.to_json(), "eval": ev.to_json(),
+              "mean_success": ev.to_json()["mean_success"],
+              "timings": {k: round(v, 1) for k, v in timings.items()}}
+    write_json(str(out / "results.json"), result)
+    return result
+
+
+def cmd_bench(a: argparse.Namespace) -> dict:
+    from rollout.bench import bench_env, bench_step
+
+    if a.what == "step":
+        res = bench_step(a.policy, a.config, a.steps, a.threads)
+    else:
+        res = bench_env(a.env, a.steps, a.image_size)
+    print(json.dumps(res, indent=2))
+    return res
+
+
+def cmd_inspect(a: argparse.Namespace) -> dict:
+    from datasets.rlds_loader import DataKeys, RLDSDataset
+
+    keys = DataKeys(camera=a.camera, proprio=a.proprio or None, instruction=a.instruction)
+    ds = RLDSDataset(a.data, keys, split=a.split)
+    s = ds.summary()
+    out = {"path": s.path, "splits": {k: int(v.num_examples) for k, v in ds.builder.info.splits.items()},
+           "episodes": s.num_episodes, "transitions": ds.scan()["num_transitions"], "image_shape": list(s.image_shape),
+           "proprio_dim": s.proprio_dim, "action_dim": s.action_dim, "instructions": s.instructions,
+           "action_stats": s.action_stats, "features": str(ds.builder.info.features)}
+    print(out.pop("features"))
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run_policy.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("collect", help="run scripted experts and write an RLDS dataset")
+    c.add_argument("--env", default="tabletop")
+    c.add_argument("--tasks", default="all", help="'all' or a comma-separated list of tasks")
+    c.add_argument("--episodes-per-task", type=int, required=True)
+    c.add_argument("--out", required=True, help="new dataset directory (written atomically)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--image-size", type=int, default=64)
+    c.add_argument("--camera", default="front")
+    c.add_argument("--workers", type=int, default=2, help="worker processes running the simulator")
+    c.add_argument("--noise", type=float, default=0.0, help="expert action noise for diverse demonstrations")
+    c.add_argument("--keep-failures", action="store_true", help="also write failed expert episodes (marked success=False)")
+    c.add_argument("--image-encoding", default="png", choices=["png", "jpeg"])
+    c.set_defaults(fn=cmd_collect)
+
+    t = sub.add_parser("train", help="behaviour cloning from an RLDS dataset into a policy directory")
+    t.add_argument("--config", default=str(DEFAULT_CONFIG))
+    t.add_argument("--data", required=True, help="RLDS dataset directory")
+    t.add_argument("--out", required=True, help="run directory; the policy goes to OUT/policy")
+    t.add_argument("--steps", type=int, default=None, help="shortcut for train.steps=N")
+    t.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.lr=3e-4")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="roll out a policy directory in simulation")
+    e.add_argument("--policy", required=True)
+    e.add_argument("--env", default="tabletop")
+    e.add_argument("--tasks", default=None, help="default: the tasks the policy was trained on")
+    e.add_argument("--episodes-per-task", type=int, default=20)
+    e.add_argument("--seed", type=int, default=0, help="evaluation seed block (always disjoint from demonstrations)")
+    e.add_argument("--video-dir", default=None)
+    e.add_argument("--videos-per-task", type=int, default=1)
+    e.set_defaults(fn=cmd_eval)
+
+    d = sub.add_parser("demo", help="offline CPU demo: collect -> train -> eval on the tabletop suite")
+    d.add_argument("--out", default="demo_out")
+    d.add_argument("--config", default=str(DEFAULT_CONFIG))
+    d.add_argument("--episodes-per-task", type=int, default=100)
+    d.add_argument("--eval-episodes", type=int, default=20)
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--keep", action="store_true", help="do not clear --out first")
+    d.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="measure: 'step' (policy step latency) or 'env' (simulator speed)")
+    b.add_argument("what", choices=["step", "env"])
+    b.add_argument("--policy", default=None, help="policy directory (bench step)")
+    b.add_argument("--config", default=str(DEFAULT_CONFIG), help="config for a freshly initialised policy (bench step)")
+    b.add_argument("--steps", type=int, default=200)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--env", default="tabletop")
+    b.add_argument("--image-size", type=int, default=64)
+    b.set_defaults(fn=cmd_bench)
+
+    i = sub.add_parser("inspect-data", help="print an RLDS dataset's schema, counts, instructions and action statistics")
+    i.add_argument("data")
+    i.add_argument("--split", default="train")
+    i.add_argument("--camera", default="observation/image")
+    i.add_argument("--proprio", default="observation/state")
+    i.add_argument("--instruction", default="observation/instruction")
+    i.set_defaults(fn=cmd_inspect)
+
+    for sp in (c, t, e, d, b, i):
+        sp.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as exc:
+        if os.environ.get("POLICY_STACK_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
