@@ -81,8 +81,12 @@ def _worker(req: EpisodeRequest):
 
 def iter_episodes(requests: list[EpisodeRequest], workers: int) -> Iterator:
     if workers <= 1:
-        for r in requests:
-            yield _worker(r)
+        try:
+            for r in requests:
+                yield _worker(r)
+        finally:  # free the EGL contexts now, not in interpreter-exit finalisers
+            while _WORKER_ENVS:
+                _WORKER_ENVS.popitem()[1].close()
         return
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers) as pool:

@@ -44,7 +44,9 @@ class ActionTokenizer:
         low = torch.as_tensor(self.low, device=a.device)
         high = torch.as_tensor(self.high, device=a.device)
         a = torch.minimum(torch.maximum(a, low), high)
-        tokens = ((a - low) / (high - low) * (self.bins - 1)).to(torch.int64)  # truncates toward zero, >= 0
+        # Truncation as in RT-1; the 1e-4 of a bin keeps detokenised values (bin edges) in their own bin
+        # despite float rounding, so tokenize(detokenize(t)) == t.
+        tokens = ((a - low) / (high - low) * (self.bins - 1) + 1e-4).to(torch.int64)
         return tokens.clamp_(0, self.bins - 1)
 
     def detokenize(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:

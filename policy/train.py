@@ -161,7 +161,7 @@ def train(cfg: ExperimentConfig, data_path: str | Path, out_dir: str | Path, pro
         opt.step()
         sched.step()
         samples += int(batch["mask"].sum())
-        loss_v, acc_v = float(loss), float(acc.mean())
+        loss_v, acc_v = float(loss.detach()), float(acc.mean())
         if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
             elapsed = time.perf_counter() - start
             tb.add_scalar("train/loss", loss_v, step)

@@ -1,0 +1,82 @@
+"""Typed config loading, RT-1's action tokenizer, and the sentencepiece instruction tokenizer."""
+import numpy as np
+import pytest
+import torch
+
+from policy.action_tokenizer import ActionTokenizer
+from policy.config import ConfigError, config_from_dict, config_to_dict, load_config
+from policy.language import TextTokenizer, train_sentencepiece
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path):
+    cfg = load_config(path)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_overrides_apply_and_unknown_keys_are_named():
+    assert load_config(None, ["train.steps=7", "model.controller.memory_tokens=4"]).train.steps == 7
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        load_config(None, ["train.stepz=5"])
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.steps"])
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  controler:\n    type: ttm\n")
+    with pytest.raises(ConfigError, match="controler"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected an existing YAML file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model.controller.memory_tokens=0", "model.controller.memory_tokens"),
+    ("model.image.backbone=resnet", "model.image.backbone"),
+    ("model.controller.memory_mode=LSTM", "model.controller.memory_mode"),
+    ("data.sequence=random", "data.sequence"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_rt1_reference_vectors():
+    tok = ActionTokenizer([-1.0] * 3, [1.0] * 3, bins=10)
+    assert tok.tokenize(torch.tensor([0.1, 0.5, -0.8])).tolist() == [4, 6, 0]
+    assert tok.tokenize(torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]])).tolist() == [[0, 0, 0], [9, 9, 9]]
+    assert tok.tokenize(torch.tensor([5.0, -5.0, 0.0])).tolist()[:2] == [9, 0]  # clipped to the bounds
+
+
+def test_round_trip_within_one_bin():
+    low, high = np.array([-1.0, -np.pi / 2, 0.0]), np.array([1.0, np.pi / 2, 1.0])
+    tok = ActionTokenizer(low, high, bins=256)
+    a = torch.from_numpy(np.random.default_rng(0).uniform(low, high, size=(1000, 3))).float()
+    back = tok.detokenize(tok.tokenize(a))
+    width = torch.from_numpy((high - low) / 255).float()
+    assert torch.all(back <= a + 1e-6) and torch.all(a - back <= width + 1e-6)
+    assert torch.equal(tok.tokenize(back), tok.tokenize(a))
+    assert ActionTokenizer.from_dict(tok.to_dict()).to_dict() == tok.to_dict()
+
+
+def test_action_tokenizer_rejects_bad_input():
+    with pytest.raises(ValueError, match="equal non-zero length"):
+        ActionTokenizer([0, 0], [1])
+    with pytest.raises(ValueError, match="last dimension 2"):
+        ActionTokenizer([0, 0], [1, 1]).tokenize(torch.zeros(3))
+
+
+def test_sentencepiece_trained_from_instructions(tmp_path):
+    instructions = ["pick up the red block", "touch the blue cube", "push the green block forward"]
+    path = train_sentencepiece(instructions, tmp_path / "tok.model", vocab_size=48)
+    tok = TextTokenizer(path, max_tokens=12)
+    ids, mask = tok.encode(instructions + ["PICK UP the red block"])
+    assert ids.shape == (4, 12) and mask[:, 0].all()
+    assert np.array_equal(ids[0], ids[3])  # case-insensitive
+    assert not np.array_equal(ids[0], ids[1])
+    with pytest.raises(ValueError, match="at least one"):
+        train_sentencepiece(["", "  "], tmp_path / "x.model", 16)
