@@ -31,6 +31,9 @@ class ImageEncoderConfig:
     token_dim: int = 128  # 1x1 conv output width = controller token width
     num_tokens: int = 8  # TokenLearner output tokens per frame
     tokenlearner_hidden: int = 64
+    # Learned position embedding added to the feature-map tokens before TokenLearner, so pooled tokens
+    # keep where a feature was (RT-1 has none; small-data policies localise objects much better with it).
+    position_embedding: bool = False
 
 
 @dataclass
@@ -69,6 +72,9 @@ class ModelConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     use_proprio: bool = True  # add the proprioceptive state as one extra token per step
     action_bins: int = 256
+    # How a step's action is read from the bin logits: "argmax" (RT-1) or "expectation" (the mean bin
+    # under the softmax; smoother when the distribution is trained with label smoothing).
+    action_decoding: str = "argmax"
 
 
 @dataclass
@@ -100,6 +106,9 @@ class TrainConfig:
     log_every: int = 25
     save_every: int = 500
     num_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # Cross-entropy against a Gaussian over neighbouring bins (sigma in bins; 0 = one-hot, as RT-1).
+    # Bins are ordinal; smoothing shares evidence between neighbours, which matters on small datasets.
+    label_sigma: float = 0.0
 
 
 @dataclass
@@ -179,6 +188,8 @@ def validate_config(cfg: ExperimentConfig) -> None:
              "one of ['transformer', 'mixer', 'mlp']", c.process_unit)
     _require(c.layers >= 1, "model.controller.layers", ">= 1", c.layers)
     _require(m.action_bins >= 2, "model.action_bins", ">= 2", m.action_bins)
+    _require(m.action_decoding in ("argmax", "expectation"), "model.action_decoding",
+             "'argmax' or 'expectation'", m.action_decoding)
     d = cfg.data
     _require(d.sequence in ("episode", "window"), "data.sequence", "'episode' or 'window'", d.sequence)
     _require(d.sequence_length >= 1, "data.sequence_length", ">= 1", d.sequence_length)
@@ -190,3 +201,4 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     _require(t.lr > 0, "train.lr", "> 0", t.lr)
+    _require(t.label_sigma >= 0, "train.label_sigma", ">= 0", t.label_sigma)

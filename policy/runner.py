@@ -77,12 +77,19 @@ class PolicyRunner:
         if self._context is None:
             raise RuntimeError("step() before reset(instruction): call reset with the task instruction first")
         img, proprio = self.validate(observation)
-        image = torch.from_numpy(np.ascontiguousarray(img)).unsqueeze(0).to(self.device)
+        image = torch.from_numpy(np.array(img)).unsqueeze(0).to(self.device)  # own, writable copy
         prop = torch.from_numpy(proprio).unsqueeze(0).to(self.device) if proprio is not None else None
         logits, self._state = self.model.step(image, self._context, prop, self._state)
-        tokens = logits.argmax(-1)[0]
         self.steps += 1
-        return self.policy.action_tokenizer.detokenize(tokens).cpu().numpy().astype(np.float32)
+        return self.decode(logits[0]).cpu().numpy().astype(np.float32)
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., A, bins] logits -> [..., A] actions, as the policy's config says (argmax or expectation)."""
+        tok = self.policy.action_tokenizer
+        if self.policy.cfg.model.action_decoding == "expectation":
+            bins = torch.arange(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+            return tok.detokenize((logits.softmax(-1) * bins).sum(-1))
+        return tok.detokenize(logits.argmax(-1))
 
     def named(self, action: np.ndarray) -> dict[str, float]:
         return {n: float(v) for n, v in zip(self.action_names, action)}

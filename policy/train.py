@@ -74,9 +74,20 @@ def lr_lambda(cfg: ExperimentConfig):
     return f
 
 
-def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_targets(targets: torch.Tensor, bins: int, sigma: float) -> torch.Tensor:
+    """[...] bin indices -> [..., bins] Gaussian over the bins centred on each target, summing to 1."""
+    centers = torch.arange(bins, dtype=torch.float32, device=targets.device)
+    w = torch.exp(-0.5 * ((centers - targets.unsqueeze(-1).float()) / sigma) ** 2)
+    return w / w.sum(-1, keepdim=True)
+
+
+def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                  label_sigma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over [B,T,A,bins] logits at valid steps; returns (loss, per-dimension accuracy)."""
-    ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape)
+    if label_sigma > 0:
+        ce = -(soft_targets(targets, logits.shape[-1], label_sigma) * logits.log_softmax(-1)).sum(-1)
+    else:
+        ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape)
     m = mask.unsqueeze(-1).to(ce.dtype)
     denom = m.sum().clamp_min(1.0) * targets.shape[-1]
     loss = (ce * m).sum() / denom
@@ -154,7 +165,7 @@ def train(cfg: ExperimentConfig, data_path: str | Path, out_dir: str | Path, pro
         context = model.encode_instruction(ids, instr_mask[batch["instruction"]])
         logits = model(batch["image"], context, batch.get("proprio"), batch["mask"])
         targets = action_tok.tokenize(batch["action"])
-        loss, acc = sequence_loss(logits, targets, batch["mask"])
+        loss, acc = sequence_loss(logits, targets, batch["mask"], cfg.train.label_sigma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

@@ -67,15 +67,16 @@ def test_episode_sequences_pad_at_the_end(dataset):
     path, eps = dataset
     ds = RLDSDataset(path, DataKeys())
     ids = {s: i for i, s in enumerate(ds.instructions)}
-    seq = list(make_sequences(ds, SequenceSpec("episode", 7, 0), ids, shuffle=False, seed=0, cache=False).as_numpy_iterator())
-    assert len(seq) == 4
-    s0 = seq[0]
-    assert s0["image"].shape == (7, 16, 16, 3) and s0["action"].shape == (7, 5) and s0["proprio"].shape == (7, 4)
-    assert s0["mask"].tolist() == [True] * 5 + [False] * 2
-    np.testing.assert_array_equal(s0["action"][:5], np.stack(eps[0].actions))
-    assert not s0["action"][5:].any()
-    assert seq[1]["mask"].all()  # 8 steps truncated to 7
-    assert s0["instruction"] == ids["touch the red block"]
+    seq = make_sequences(ds, SequenceSpec("episode", 7, 0), ids, shuffle=False, seed=0, cache=False)
+    b = next(iter(TorchBatches(seq, 4, repeat=False)))
+    assert tuple(b["image"].shape) == (4, 7, 16, 16, 3) and tuple(b["action"].shape) == (4, 7, 5)
+    assert b["mask"].sum(1).tolist() == [5, 7, 3, 6]  # the 8-step episode is truncated to T=7
+    assert b["mask"][0].tolist() == [True] * 5 + [False] * 2
+    np.testing.assert_array_equal(b["action"][0, :5].numpy(), np.stack(eps[0].actions))
+    assert not b["action"][0, 5:].any()
+    assert b["instruction"][0] == ids["touch the red block"]
+    short = next(iter(TorchBatches(seq.skip(2), 2, repeat=False)))
+    assert tuple(short["image"].shape) == (2, 6, 16, 16, 3)  # padded only to the batch's longest episode
 
 
 def test_window_sequences_pad_at_the_start(dataset):
@@ -135,4 +136,4 @@ def test_bridge_sample_without_is_last(bridge_dir):
     assert ds.scan()["num_transitions"] == 250  # is_last is never set: every step is kept
     ids = {s: i for i, s in enumerate(ds.instructions)}
     seq = next(make_sequences(ds, SequenceSpec("episode", 12, 32), ids, False, 0, False).as_numpy_iterator())
-    assert seq["image"].shape == (12, 32, 32, 3) and seq["mask"].sum() == 10
+    assert seq["image"].shape == (10, 32, 32, 3) and seq["mask"].sum() == 10
