@@ -248,8 +248,8 @@ def make_sequences(data: RLDSDataset, spec: SequenceSpec, instruction_ids: dict[
                    shuffle: bool, seed: int, cache: bool, shuffle_buffer: int = 256) -> tf.data.Dataset:
     """Episodes -> fixed-length sequences with a validity mask.
 
-    "episode": the first T steps of each episode, padded at the end (the memory starts at the
-    episode's first step, as at inference). "window": for every step t, the T steps ending at t,
+    "episode": the first T steps of each episode (the memory starts at the episode's first step, as
+    at inference); batches are padded at the end to their longest episode, with mask False there. "window": for every step t, the T steps ending at t,
     padded at the episode start (RT-1's history window).
     """
     keys = tf.constant(list(instruction_ids.keys()))
@@ -273,16 +273,14 @@ def make_sequences(data: RLDSDataset, spec: SequenceSpec, instruction_ids: dict[
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
-    def pad_time(x, front: bool):
-        n = tf.shape(x)[0]
-        pad = tf.maximum(T - n, 0)
-        paddings = [[pad, 0] if front else [0, pad]] + [[0, 0]] * (len(x.shape) - 1)
-        return tf.pad(x[:T] if not front else x[-T:], paddings)
+    def pad_front(x):
+        pad = tf.maximum(T - tf.shape(x)[0], 0)
+        return tf.pad(x[-T:], [[pad, 0]] + [[0, 0]] * (len(x.shape) - 1))
 
     def episode_mode(ep):
-        n = tf.shape(ep["action"])[0]
-        out = {k: pad_time(v, front=False) for k, v in ep.items() if k != "instruction"}
-        out["mask"] = tf.range(T) < n
+        # Variable length (at most T); padded_batch pads each batch only to its longest episode.
+        out = {k: v[:T] for k, v in ep.items() if k != "instruction"}
+        out["mask"] = tf.ones_like(out["action"][:, 0], dtype=tf.bool)
         out["instruction"] = ep["instruction"]
         return out
 
@@ -292,7 +290,7 @@ def make_sequences(data: RLDSDataset, spec: SequenceSpec, instruction_ids: dict[
 
         def window(t):
             start = tf.maximum(t - T + 1, 0)
-            w = {k: pad_time(v[start: t + 1], front=True) for k, v in seq.items()}
+            w = {k: pad_front(v[start: t + 1]) for k, v in seq.items()}
             w["mask"] = tf.range(T) >= T - (t + 1 - start)
             w["instruction"] = ep["instruction"]
             return w
@@ -314,7 +312,7 @@ class TorchBatches(torch.utils.data.IterableDataset):
     def __init__(self, ds: tf.data.Dataset, batch_size: int, repeat: bool = True):
         super().__init__()
         ds = ds.repeat() if repeat else ds
-        self.ds = ds.batch(batch_size, drop_remainder=repeat).prefetch(2)
+        self.ds = ds.padded_batch(batch_size, drop_remainder=repeat).prefetch(2)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.ds.as_numpy_iterator():

@@ -12,3 +12,7 @@ import tensorflow_datasets as tfds  # noqa: E402
 tfds.disable_progress_bar()
 
 __all__ = ["tf", "tfds"]
+
+from absl import logging as _absl_logging  # noqa: E402
+
+_absl_logging.set_verbosity(_absl_logging.ERROR)  # tfds warns about its own tf.bool features
