@@ -36,12 +36,17 @@ class EvalResult:
 
 def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[str] | None = None,
              episodes_per_task: int = 20, seed: int = 0, video_dir: str | Path | None = None,
-             videos_per_task: int = 1, progress: bool = True) -> EvalResult:
+             videos_per_task: int = 1, progress: bool = True, threads: int = 1) -> EvalResult:
+    """`threads`: torch threads for the policy. One by default: the software renderer (llvmpipe) needs
+    the other core, and torch's spinning worker threads slow both down badly when they compete."""
+    import torch
+
     import envs
     from datasets.collect import EVAL_SEED_BASE
     from policy.runner import PolicyRunner
     from tqdm import tqdm
 
+    torch.set_num_threads(threads)
     runner = PolicyRunner.load(policy_dir)
     trained_env = runner.spec.env
     env_name = env_name or trained_env.get("env", "tabletop")

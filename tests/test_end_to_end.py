@@ -129,3 +129,20 @@ def test_cli_collect_and_inspect(tmp_path):
     assert info["episodes"] == 1 and info["action_dim"] == 5 and len(info["instructions"]) == 1
     out = run_cli("collect", "--tasks", "fly", "--episodes-per-task", "1", "--out", str(tmp_path / "e"))
     assert out.returncode == 2 and "--tasks" in out.stderr and "fly" in out.stderr
+
+
+def test_interrupted_collect_leaves_nothing_that_reads_as_a_dataset(tmp_path):
+    import signal
+    import time
+
+    proc = subprocess.Popen(CLI + ["collect", "--tasks", "reach", "--episodes-per-task", "400", "--out",
+                                   str(tmp_path / "d"), "--workers", "1"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(".d.partial") for p in tmp_path.iterdir()):
+        time.sleep(0.2)
+    time.sleep(3)  # some episodes are in the staging directory now
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert list(tmp_path.iterdir()) == []
