@@ -2,7 +2,8 @@
 
 Worker processes run the environment and its scripted expert (rendering included) and send finished
 episodes back as numpy; the parent writes them with the atomic RLDS writer, so an interrupted
-collection leaves no dataset behind. Workers are spawned, not forked: the parent has TensorFlow loaded.
+collection leaves no dataset behind. With noise, executed actions are perturbed while the recorded
+action is the expert's clean action for the state reached (DART): demonstrations show recoveries. Workers are spawned, not forked: the parent has TensorFlow loaded.
 """
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ def run_expert_episode(req: EpisodeRequest, env=None):
         expert.reset()
         observations, actions, rewards, discounts = [dict(ts.observation)], [], [], []
         while not ts.last():
-            action = np.asarray(expert.act(ts), dtype=np.float32)
-            ts = env.step(action)
-            actions.append(action)
+            executed = np.asarray(expert.act(ts), dtype=np.float32)
+            ts = env.step(executed)
+            # With --noise the expert executes a perturbed action but records its clean one (DART).
+            actions.append(np.asarray(getattr(expert, "clean_action", executed), dtype=np.float32))
             rewards.append(float(ts.reward))
             discounts.append(float(ts.discount))
             observations.append(dict(ts.observation))

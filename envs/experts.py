@@ -72,11 +72,16 @@ class WaypointExpert:
 
         move = GAIN * (goal - tcp) / MAX_DELTA
         move /= max(1.0, float(np.abs(move).max()))  # keep the direction when saturating
-        if self.noise > 0:
-            move = move + self.noise * self._rng.standard_normal(3)
         done = env.success and not env.end_on_success
-        action = np.concatenate([move, [wp.gripper, 1.0 if done else 0.0]])
-        return np.clip(action, env.action_spec().minimum, env.action_spec().maximum).astype(np.float32)
+        low, high = env.action_spec().minimum, env.action_spec().maximum
+        # The noise-free action for this state. With noise, the executed action is perturbed but this
+        # is what a demonstration should record (DART): recoveries are shown, the noise is not taught.
+        self.clean_action = np.clip(np.concatenate([move, [wp.gripper, 1.0 if done else 0.0]]), low, high).astype(np.float32)
+        if self.noise <= 0:
+            return self.clean_action.copy()
+        noisy = self.clean_action.copy()
+        noisy[:3] += self.noise * self._rng.standard_normal(3)
+        return np.clip(noisy, low, high).astype(np.float32)
 
 
 def _above(z: float) -> Callable[["TabletopEnv"], np.ndarray]:

@@ -233,3 +233,14 @@ def test_gymnasium_step_flags_and_info():
 def test_benchmark_env_reports_rate():
     result = tabletop.benchmark_env("push", steps=20, render=False, image_size=32)
     assert result["steps"] == 20 and result["steps_per_s"] > 0
+
+
+def test_noisy_expert_records_its_clean_action(make_env):
+    """DART: with noise the executed action is perturbed, `clean_action` is the noise-free one."""
+    env = make_env("reach", image_size=32)
+    ts = env.reset(seed=3)
+    noisy_expert = make_expert(env, noise=0.3, seed=1)
+    executed = noisy_expert.act(ts)
+    clean_expert = make_expert(env, noise=0.0)
+    np.testing.assert_array_equal(noisy_expert.clean_action, clean_expert.act(ts))
+    assert not np.array_equal(executed, noisy_expert.clean_action)
