@@ -102,7 +102,7 @@ def build_mjcf() -> str:
     <geom name="floor" type="plane" size="2 2 0.1" pos="0 0 -0.75" rgba="0.3 0.3 0.33 1"/>
     <geom name="table" type="box" size="0.4 0.36 0.02" pos="0 0.02 -0.02" material="tabletop"
           friction="0.6 0.005 0.0001"/>
-    <camera name="front" pos="0 -0.32 0.55" xyaxes="1 0 0 0 0.851 0.526" fovy="48"/>
+    <camera name="front" pos="0 -0.45 1.0" xyaxes="1 0 0 0 0.905 0.425" fovy="28"/>
 {_gripper()}
 {''.join(_block(c) for c in COLORS)}
 {_tray()}
