@@ -91,7 +91,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     timings = {}
     t = time.perf_counter()
     print(f"[1/3] collecting {a.episodes_per_task} scripted demonstrations per task for {DEMO_TASKS}")
-    col = collect("tabletop", DEMO_TASKS, a.episodes_per_task, out / "data", seed=0, workers=a.workers)
+    col = collect("tabletop", DEMO_TASKS, a.episodes_per_task, out / "data", seed=0, workers=a.workers,
+                  noise=a.noise)
     timings["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
     cfg = load_config(a.config, [f"train.steps={a.steps}"] if a.steps else [])
@@ -114,10 +115,20 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 def cmd_bench(a: argparse.Namespace) -> dict:
     from rollout.bench import bench_env, bench_step
 
-    if a.what == "step":
-        res = bench_step(a.policy, a.config, a.steps, a.threads)
+    if a.what == "backbone":
+        from rollout.bench_backbone import bench_backbone
+
+        res = bench_backbone(a.image_size or 224, a.threads, a.steps or 20, vit_size=a.vit_size,
+                             process_patch=a.process_patch, memory_patch=a.memory_patch)
+    elif a.what == "model":
+        from rollout.bench_model import bench_model
+
+        res = bench_model(a.config, a.steps or 20, a.threads, action_dims=a.action_dims, proprio_dim=a.proprio_dim,
+                          device=a.device, overrides=a.overrides)
+    elif a.what == "step":
+        res = bench_step(a.policy, a.config, a.steps or 200, a.threads)
     else:
-        res = bench_env(a.env, a.steps, a.image_size)
+        res = bench_env(a.env, a.steps or 200, a.image_size or 64)
     print(json.dumps(res, indent=2))
     return res
 
@@ -177,21 +188,38 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline CPU demo: collect -> train -> eval on the tabletop suite")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--config", default=str(DEFAULT_CONFIG))
-    d.add_argument("--episodes-per-task", type=int, default=100)
+    d.add_argument("--episodes-per-task", type=int, default=400)
+    d.add_argument("--noise", type=float, default=0.2,
+                   help="expert action noise while collecting (DART: the clean action is recorded)")
     d.add_argument("--eval-episodes", type=int, default=20)
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--keep", action="store_true", help="do not clear --out first")
     d.set_defaults(fn=cmd_demo)
 
-    b = sub.add_parser("bench", help="measure: 'step' (policy step latency) or 'env' (simulator speed)")
-    b.add_argument("what", choices=["step", "env"])
+    b = sub.add_parser("bench", help="measure: 'step' (policy step latency), 'env' (simulator speed), "
+                                     "'backbone' (image backbone latency and FLOPs: efficientnet-b3, vittm, vit) or "
+                                     "'model' (a config's parameters per component, tokens per frame, FLOPs per "
+                                     "policy step, stepwise-vs-unrolled difference)")
+    b.add_argument("what", choices=["step", "env", "backbone", "model"])
     b.add_argument("--policy", default=None, help="policy directory (bench step)")
-    b.add_argument("--config", default=str(DEFAULT_CONFIG), help="config for a freshly initialised policy (bench step)")
-    b.add_argument("--steps", type=int, default=200)
+    b.add_argument("--config", default=str(DEFAULT_CONFIG),
+                   help="config for a freshly initialised policy (bench step, bench model)")
+    b.add_argument("--steps", type=int, default=None,
+                   help="timed steps (default 200; bench backbone: 20); bench model: policy steps compared (20)")
+    b.add_argument("--action-dims", type=int, default=11, help="bench model: action dimensions (RT-1: 11)")
+    b.add_argument("--proprio-dim", type=int, default=8, help="bench model: proprio size (if the config uses it)")
+    b.add_argument("--device", default="cpu", help="bench model: torch device")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="bench model: a config override, repeatable (e.g. --set model.controller.type=rt1)")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--env", default="tabletop")
-    b.add_argument("--image-size", type=int, default=64)
+    b.add_argument("--image-size", type=int, default=None, help="default 64 (bench env), 224 (bench backbone)")
+    b.add_argument("--vit-size", default="s", help="bench backbone: ViTTM / ViT size preset (tiny, s, b)")
+    b.add_argument("--process-patch", type=int, default=None,
+                   help="bench backbone: ViTTM process patch (default image_size / 8)")
+    b.add_argument("--memory-patch", type=int, default=None,
+                   help="bench backbone: ViTTM memory patch = plain ViT patch (default image_size / 14)")
     b.set_defaults(fn=cmd_bench)
 
     i = sub.add_parser("inspect-data", help="print an RLDS dataset's schema, counts, instructions and action statistics")

@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ImageEncoderConfig:
-    # "efficientnet": FiLM-conditioned EfficientNet (RT-1's image tokenizer).
+    # "efficientnet": FiLM-conditioned EfficientNet (RT-1's image tokenizer). "vittm": FiLM-conditioned
+    # Vision Token Turing Machine (policy/vittm.py). "vit": a plain FiLM-conditioned ViT (policy/vit.py).
     backbone: str = "efficientnet"
     # EfficientNet compound scaling; b0..b7 are the published variants. "quickstart" is a narrow,
     # shallow member of the same family for CPU training.
@@ -34,6 +35,31 @@ class ImageEncoderConfig:
     # Learned position embedding added to the feature-map tokens before TokenLearner, so pooled tokens
     # keep where a feature was (RT-1 has none; small-data policies localise objects much better with it).
     position_embedding: bool = False
+    # --- backbone: vittm | vit (ignored by efficientnet) ---
+    # Size preset: "s" = ViT-S (width 384, depth 12, 6 heads), "b" = ViT-B (768, 12, 12): ViTTM-S / ViTTM-B;
+    # "tiny" = a CPU size (128, 4, 4; not ViT-Ti). vit_width / vit_depth / vit_heads > 0 override the preset.
+    vit_size: str = "tiny"
+    vit_width: int = 0
+    vit_depth: int = 0
+    vit_heads: int = 0
+    vit_mlp_ratio: float = 4.0
+    # ViTTM streams: (image_size / patch)^2 tokens each. The process stream (fewer, larger patches) goes
+    # through the ViT blocks; the memory stream (more or equal, smaller patches) is only read and written,
+    # so memory_patch <= process_patch. Both must divide image_size.
+    process_patch: int = 16
+    memory_patch: int = 8
+    # Plain ViT patch size; 0 = memory_patch (as many output tokens as ViTTM's memory stream).
+    vit_patch: int = 0
+    # ViTTM read/write heads: "linear" (linear attention, q/k latent = width / rw_latent_scale; the paper's
+    # choice, scale 4), "attention" (softmax cross-attention), "tokenlearner" (TokenLearner selection).
+    rw_head: str = "linear"
+    rw_latent_scale: int = 4
+    # How read/written tokens enter their target stream: "add" (the paper's), "erase" (replace), "add_erase"
+    # (a learned per-token gate g: (1 - g) * target + g * written).
+    fusion: str = "add"
+    # ViTTM tokens handed to TokenLearner: "memory" (the finer map, holds every block's writes), "process",
+    # or "both" (concatenated).
+    output_stream: str = "memory"
 
 
 @dataclass
@@ -51,18 +77,40 @@ class LanguageConfig:
 
 @dataclass
 class ControllerConfig:
-    # "ttm": Token Turing Machine memory controller.
+    # "ttm": Token Turing Machine memory controller (policy/ttm.py). "rt1": RT-1's transformer over a window
+    # of the last `window` frames, all action tokens in one pass. "causal_transformer": causal transformer
+    # over the whole episode (KV cache at inference). "lstm": LSTM over each step's flattened tokens.
+    # (policy/controllers.py; docs/MODELS.md). layers, heads, mlp_dim, dropout apply to every type.
     type: str = "ttm"
-    memory_tokens: int = 16  # m
-    read_tokens: int = 8  # r
-    memory_mode: str = "TL"  # TL | TL-MHA | TL-AddErase
-    process_unit: str = "transformer"  # transformer | mixer | mlp
+    memory_tokens: int = 16  # m (ttm)
+    read_tokens: int = 8  # r: output tokens per step (ttm, causal_transformer, lstm; rt1 outputs one per action dim)
+    memory_mode: str = "TL"  # TL | TL-MHA | TL-AddErase (ttm)
+    process_unit: str = "transformer"  # transformer | mixer | mlp (ttm)
     layers: int = 2
     heads: int = 4
     mlp_dim: int = 256
     dropout: float = 0.0
+    # Learned position embeddings (ttm: over [M;I], [M;I;O] and in the process unit; causal_transformer:
+    # over a step's token slots). rt1 always has its learned embedding over the window's positions.
     use_position_embedding: bool = True
-    window: int = 6  # history length for windowed controllers (RT-1)
+    window: int = 6  # rt1: frames in the history window (RT-1: 6)
+    # ttm, causal_transformer, lstm: how many of the latest frames the state is rebuilt from at every
+    # inference step (from the zero state, over those frames' cached input tokens). 0 = unbounded: the
+    # state carries the whole episode, as when training unrolls whole episodes (data.sequence:
+    # episode). N > 0 matches training on windows of N steps (data.sequence: window,
+    # data.sequence_length: N): the controller never sees at inference a history it was not trained
+    # on. rt1 ignores it (its history is `window`). Whole-episode unrolls on small datasets invite the copycat shortcut (the memory recognises
+    # the demonstration and replays it by time step instead of reacting to the current frame).
+    memory_horizon: int = 0
+    # rt1: model width (tokens are projected token_dim -> width; RT-1: 512); lstm: hidden size.
+    # 0 = the token width (model.image.token_dim). ttm and causal_transformer run at the token width.
+    width: int = 0
+    # rt1, causal_transformer: per-head query/key/value width; 0 = width / heads. RT-1: 128 with 8 heads
+    # (attention 1024 wide inside a 512-wide model).
+    key_dim: int = 0
+    # rt1, causal_transformer: "dense" = RT-1's single Dense(width) without activation; "mlp" =
+    # Dense(mlp_dim) GELU Dense(width); "auto" = dense for rt1 (the reference), mlp otherwise.
+    feed_forward: str = "auto"
 
 
 @dataclass
@@ -71,6 +119,10 @@ class ModelConfig:
     language: LanguageConfig = field(default_factory=LanguageConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     use_proprio: bool = True  # add the proprioceptive state as one extra token per step
+    # Also give the controller the instruction context as one token per step (RT-1 conditions through
+    # FiLM only). A direct path lets the controller pick out the instructed object among the image
+    # tokens, and gives the text encoder a gradient from the start (FiLM is zero-initialised).
+    instruction_token: bool = False
     action_bins: int = 256
     # How a step's action is read from the bin logits: "argmax" (RT-1) or "expectation" (the mean bin
     # under the softmax; smoother when the distribution is trained with label smoothing).
@@ -92,6 +144,10 @@ class DataConfig:
     action_bounds: str = "dataset"
     action_low: list[float] = field(default_factory=list)
     action_high: list[float] = field(default_factory=list)
+    # Training-time augmentation: shift each training sequence's frames by up to this many pixels
+    # (edge padding, then a random crop back to size; one shift per sequence, as a steady camera
+    # would move). RT-1 pads and random-crops; 0 turns it off.
+    random_shift: int = 0
 
 
 @dataclass
@@ -171,15 +227,22 @@ def _require(cond: bool, field_name: str, expected: str, got: Any) -> None:
 def validate_config(cfg: ExperimentConfig) -> None:
     """Semantic checks that types alone cannot express."""
     m = cfg.model
-    _require(m.image.backbone in ("efficientnet",), "model.image.backbone", "one of ['efficientnet']", m.image.backbone)
+    _require(m.image.backbone in ("efficientnet", "vittm", "vit"), "model.image.backbone",
+             "one of ['efficientnet', 'vittm', 'vit']", m.image.backbone)
     _require(m.image.image_size >= 16, "model.image.image_size", ">= 16", m.image.image_size)
     _require(m.image.num_tokens >= 1, "model.image.num_tokens", ">= 1", m.image.num_tokens)
     _require(m.image.token_dim >= 8, "model.image.token_dim", ">= 8", m.image.token_dim)
+    if m.image.backbone in ("vittm", "vit"):
+        from policy.vittm import check_image_config  # imports this module
+
+        check_image_config(m.image)
     _require(m.language.source in ("sentencepiece", "embedding"), "model.language.source",
              "'sentencepiece' or 'embedding'", m.language.source)
     _require(m.language.vocab_size >= 8, "model.language.vocab_size", ">= 8", m.language.vocab_size)
     c = m.controller
-    _require(c.type in ("ttm",), "model.controller.type", "one of ['ttm']", c.type)
+    from policy.controllers import check_controller_config  # imports this module
+
+    check_controller_config(c, m.image.token_dim)
     _require(c.memory_tokens >= 1, "model.controller.memory_tokens", ">= 1", c.memory_tokens)
     _require(c.read_tokens >= 1, "model.controller.read_tokens", ">= 1", c.read_tokens)
     _require(c.memory_mode in ("TL", "TL-MHA", "TL-AddErase"), "model.controller.memory_mode",
@@ -193,6 +256,17 @@ def validate_config(cfg: ExperimentConfig) -> None:
     d = cfg.data
     _require(d.sequence in ("episode", "window"), "data.sequence", "'episode' or 'window'", d.sequence)
     _require(d.sequence_length >= 1, "data.sequence_length", ">= 1", d.sequence_length)
+    _require(d.random_shift >= 0, "data.random_shift", ">= 0", d.random_shift)
+    _require(c.memory_horizon >= 0, "model.controller.memory_horizon", ">= 0", c.memory_horizon)
+    if c.type == "rt1":
+        pass  # rt1's history is model.controller.window; memory_horizon does not apply
+    elif d.sequence == "window":
+        _require(c.memory_horizon == d.sequence_length, "model.controller.memory_horizon",
+                 f"= data.sequence_length ({d.sequence_length}) when training on windows, so that inference "
+                 "rebuilds the state from as many frames as training did", c.memory_horizon)
+    else:
+        _require(c.memory_horizon == 0, "model.controller.memory_horizon",
+                 "0 when training unrolls whole episodes (data.sequence: episode)", c.memory_horizon)
     _require(d.action_bounds in ("dataset", "spec"), "data.action_bounds", "'dataset' or 'spec'", d.action_bounds)
     if d.action_bounds == "spec":
         _require(len(d.action_low) == len(d.action_high) > 0, "data.action_low/action_high",

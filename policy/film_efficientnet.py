@@ -216,6 +216,10 @@ class FiLMEfficientNet(nn.Module):
             image_size //= 2
         return image_size
 
+    def num_output_tokens(self, image_size: int) -> int:
+        """Tokens per image: the output map's positions."""
+        return self.feature_size(image_size) ** 2
+
     def forward(self, images: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # channels_last lets oneDNN/cuDNN skip layout reorders around every conv (~1.5x on CPU training).
         x = self.stem(images.contiguous(memory_format=torch.channels_last))

@@ -1,14 +1,19 @@
 """The language-conditioned visuomotor policy: instruction + frames (+ proprio) -> action-token logits.
 
     instruction --TextEncoder--> context [B,C]
-    frame (uint8) --resize + ImageNet norm--> FiLM-EfficientNet(context) --TokenLearner--> num_tokens tokens
+    frame (uint8) --resize + ImageNet norm--> FiLM backbone(context) --TokenLearner--> num_tokens tokens
+                  (backbone: FiLM-EfficientNet | ViTTM | ViT, model.image.backbone)
     (+ one Linear(proprio) token if cfg.use_proprio)  = the step's input tokens I
-    I --Token Turing Machine--> r output tokens --ActionHead--> logits [A, bins]
+    I --controller--> r output tokens --ActionHead--> logits [A, bins]
+      (controller: Token Turing Machine | causal transformer | LSTM, model.controller.type)
+    I --rt1 controller--> A tokens, one per action dimension --TokenHead--> logits [A, bins]
 
 Action head: A learned queries (one per action dimension) attend over the r output tokens (one head,
 softmax over tokens, values un-normalised, as in TokenLearner but with content-independent queries so
 that A may exceed r), then LayerNorm and a per-dimension Linear(token_dim -> bins). Per-dimension
 output weights keep the dimensions' bin semantics apart at a small cost (A * token_dim * bins).
+RT-1's transformer already outputs one token per action dimension; TokenHead is its output Dense, one
+Linear(width -> bins) shared by all dimensions (policy/controllers.py, docs/MODELS.md).
 
 Training unrolls whole sequences from zero memory (`forward`); inference steps one frame at a time
 (`step`) and gives the same logits.
@@ -16,15 +21,30 @@ Training unrolls whole sequences from zero memory (`forward`); inference steps o
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from policy.config import ConfigError, ModelConfig
+from policy.config import ConfigError, ImageEncoderConfig, ModelConfig
+from policy.controllers import check_controller_config, make_controller
 from policy.film_efficientnet import FiLMEfficientNet, preprocess_frames
 from policy.text_encoder import TextEncoder
 from policy.token_learner import TokenLearner
-from policy.ttm import TokenTuringMachine
+from policy.vit import FiLMViT
+from policy.vittm import FiLMViTTM
+
+
+def build_backbone(img: ImageEncoderConfig, context_dim: int) -> nn.Module:
+    """The FiLM-conditioned image backbone named by model.image.backbone:
+    [N,3,H,W] normalised images + [N,C] context -> [N, num_output_tokens(image_size), token_dim] tokens."""
+    if img.backbone == "efficientnet":
+        return FiLMEfficientNet(img, context_dim)
+    if img.backbone == "vittm":
+        return FiLMViTTM(img, context_dim)
+    if img.backbone == "vit":
+        return FiLMViT(img, context_dim)
+    raise ConfigError(f"model.image.backbone: expected one of ['efficientnet', 'vittm', 'vit'], got {img.backbone!r}")
 
 
 class ActionHead(nn.Module):
@@ -46,6 +66,20 @@ class ActionHead(nn.Module):
         return torch.einsum("...ad,adb->...ab", pooled, self.weight) + self.bias
 
 
+class TokenHead(nn.Module):
+    """[..., A, W] tokens, one per action dimension -> [..., A, bins] logits: one Linear(W, bins) shared
+    by all dimensions (RT-1's output Dense)."""
+
+    def __init__(self, dim: int, bins: int):
+        super().__init__()
+        self.out = nn.Linear(dim, bins)
+        nn.init.xavier_uniform_(self.out.weight)  # Keras Dense default
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x)
+
+
 class PolicyModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, num_action_dims: int, proprio_dim: int,
                  embedding_dim: int = 512):
@@ -57,8 +91,7 @@ class PolicyModel(nn.Module):
             raise ConfigError(f"model.image.token_dim: expected >= 8, got {img.token_dim!r}")
         if cfg.action_bins < 2:
             raise ConfigError(f"model.action_bins: expected >= 2, got {cfg.action_bins!r}")
-        if cfg.controller.type != "ttm":
-            raise ConfigError(f"model.controller.type: expected one of ['ttm'], got {cfg.controller.type!r}")
+        check_controller_config(cfg.controller, img.token_dim)
         if num_action_dims < 1:
             raise ValueError(f"num_action_dims: expected >= 1, got {num_action_dims}")
         if cfg.use_proprio and proprio_dim < 1:
@@ -66,19 +99,30 @@ class PolicyModel(nn.Module):
         self.cfg = cfg
         self.image_size = img.image_size
         self.text = TextEncoder(cfg.language, vocab_size, embedding_dim)
-        self.backbone = FiLMEfficientNet(img, cfg.language.context_dim)
-        side = self.backbone.feature_size(img.image_size)
-        if side < 1:
+        self.backbone = build_backbone(img, cfg.language.context_dim)
+        positions = self.backbone.num_output_tokens(img.image_size)
+        if positions < 1:
             raise ConfigError(f"model.image.image_size: {img.image_size} is too small for variant "
                               f"{img.variant!r} (no feature map left after its strides)")
+        if img.num_tokens > positions:
+            raise ConfigError(f"model.image.num_tokens: expected at most {positions} (the {img.backbone} "
+                              f"backbone's output tokens that TokenLearner selects from), got {img.num_tokens}")
         # Zero-initialised so that it starts as a no-op and only adds what training finds useful.
-        self.image_pos = nn.Parameter(torch.zeros(1, side * side, img.token_dim)) if img.position_embedding else None
+        self.image_pos = nn.Parameter(torch.zeros(1, positions, img.token_dim)) if img.position_embedding else None
         self.token_learner = TokenLearner(img.token_dim, img.num_tokens, img.tokenlearner_hidden,
-                                          num_positions=side * side, field="model.image.num_tokens")
+                                          num_positions=positions, field="model.image.num_tokens")
         self.proprio = nn.Linear(proprio_dim, img.token_dim) if cfg.use_proprio else None
-        self.controller = TokenTuringMachine(cfg.controller, img.token_dim,
-                                             img.num_tokens + (1 if cfg.use_proprio else 0))
-        self.head = ActionHead(img.token_dim, num_action_dims, cfg.action_bins)
+        self.instruction = (nn.Linear(cfg.language.context_dim, img.token_dim)
+                            if cfg.instruction_token else None)
+        self.num_input_tokens = img.num_tokens + int(cfg.use_proprio) + int(cfg.instruction_token)
+        self.controller = make_controller(cfg.controller, img.token_dim, self.num_input_tokens,
+                                          num_action_dims=num_action_dims)
+        self.horizon = cfg.controller.memory_horizon if cfg.controller.type != "rt1" else 0
+        out_dim = getattr(self.controller, "out_dim", img.token_dim)
+        if getattr(self.controller, "action_token_outputs", False):
+            self.head: nn.Module = TokenHead(out_dim, cfg.action_bins)
+        else:
+            self.head = ActionHead(out_dim, num_action_dims, cfg.action_bins)
 
     def encode_instruction(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Token ids [B,L] + mask [B,L] (True = real token) -> context [B,C]."""
@@ -89,17 +133,20 @@ class PolicyModel(nn.Module):
         return self.text.encode_embedding(embedding)
 
     def encode_frames(self, images: torch.Tensor, context: torch.Tensor, proprio: torch.Tensor | None) -> torch.Tensor:
-        """uint8 [N,H,W,3], context [N,C], proprio [N,S] | None -> input tokens [N, num_tokens (+1), D]."""
+        """uint8 [N,H,W,3], context [N,C], proprio [N,S] | None -> input tokens
+        [N, num_tokens (+1 proprio) (+1 instruction), D]."""
         features = self.backbone(preprocess_frames(images, self.image_size), context)
         if self.image_pos is not None:
             features = features + self.image_pos
-        tokens = self.token_learner(features)
-        if self.proprio is None:
-            return tokens
-        if proprio is None:
-            raise ValueError(f"proprio: expected a float tensor [..., {self.proprio.in_features}] "
-                             "(model.use_proprio is true), got None")
-        return torch.cat([tokens, self.proprio(proprio.to(tokens.dtype)).unsqueeze(1)], dim=1)
+        tokens = [self.token_learner(features)]
+        if self.proprio is not None:
+            if proprio is None:
+                raise ValueError(f"proprio: expected a float tensor [..., {self.proprio.in_features}] "
+                                 "(model.use_proprio is true), got None")
+            tokens.append(self.proprio(proprio.to(tokens[0].dtype)).unsqueeze(1))
+        if self.instruction is not None:
+            tokens.append(self.instruction(context).unsqueeze(1))
+        return torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
 
     def forward(self, images: torch.Tensor, context: torch.Tensor, proprio: torch.Tensor | None = None,
                 step_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,12 +170,29 @@ class PolicyModel(nn.Module):
         out = self.controller(tokens.unflatten(0, (b, t)), step_mask)
         return self.head(out)
 
-    def init_state(self, batch: int) -> torch.Tensor:
-        """Recurrent state for `step`: the controller's zero memory."""
+    def init_state(self, batch: int) -> Any:
+        """Recurrent state for `step`: the controller's initial memory (a tensor, or a tuple or dict of
+        tensors, depending on model.controller.type); treat it as opaque."""
+        if self.horizon:
+            # The input tokens of the last (horizon - 1) frames: the state is rebuilt from them each step.
+            ref = next(self.parameters())
+            return torch.zeros(batch, 0, self.num_input_tokens, self.cfg.image.token_dim,
+                               dtype=ref.dtype, device=ref.device)
         return self.controller.init_memory(batch)
 
     def step(self, image: torch.Tensor, context: torch.Tensor, proprio: torch.Tensor | None,
-             state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+             state: Any) -> tuple[torch.Tensor, Any]:
         """One inference step: image uint8 [B,H,W,3] -> (logits [B,A,bins], new state)."""
-        out, state = self.controller.step(self.encode_frames(image, context, proprio), state)
+        out, state = self.controller_step(self.encode_frames(image, context, proprio), state)
         return self.head(out), state
+
+    def controller_step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """The controller's part of `step`: input tokens [B,N,D] -> (output tokens, new state)."""
+        if self.horizon:
+            # Exactly what training on windows of `horizon` steps computes for a window's last step
+            # (windows shorter than the horizon at the episode start are front-padded there, and
+            # padded steps leave the state untouched). Only the controller reruns; frames are encoded once.
+            history = torch.cat([state, tokens.unsqueeze(1)], dim=1)[:, -self.horizon:]
+            out = self.controller(history, None)[:, -1]
+            return out, history[:, 1:] if history.shape[1] == self.horizon else history
+        return self.controller.step(tokens, state)

@@ -81,6 +81,19 @@ def soft_targets(targets: torch.Tensor, bins: int, sigma: float) -> torch.Tensor
     return w / w.sum(-1, keepdim=True)
 
 
+def random_shift(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [B,T,H,W,C] -> the same frames shifted by up to `pad` pixels (one shift per sequence):
+    edge-pad by `pad`, then crop H x W at a random offset."""
+    if pad <= 0:
+        return images
+    b, t, h, w, c = images.shape
+    x = images.permute(0, 1, 4, 2, 3).reshape(b, t * c, h, w).float()
+    x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=gen)).tolist()
+    out = torch.stack([x[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    return out.reshape(b, t, c, h, w).permute(0, 1, 3, 4, 2).to(images.dtype)
+
+
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                   label_sigma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over [B,T,A,bins] logits at valid steps; returns (loss, per-dimension accuracy)."""
@@ -141,6 +154,7 @@ def train(cfg: ExperimentConfig, data_path: str | Path, out_dir: str | Path, pro
                          {s: i for i, s in enumerate(data.instructions)}, shuffle=True, seed=cfg.train.seed,
                          cache=cfg.data.cache_in_memory, shuffle_buffer=cfg.data.shuffle_buffer)
     batches = iter(TorchBatches(seq, cfg.train.batch_size))
+    aug_gen = torch.Generator().manual_seed(cfg.train.seed)
 
     spec = InputSpec(camera_key=cfg.data.camera.split("/")[-1], image_shape=tuple(data.image_shape),
                      proprio_key=cfg.data.proprio_key.split("/")[-1] if cfg.model.use_proprio else None,
@@ -163,7 +177,8 @@ def train(cfg: ExperimentConfig, data_path: str | Path, out_dir: str | Path, pro
         wait_s += time.perf_counter() - t0
         ids = instr_ids[batch["instruction"]]
         context = model.encode_instruction(ids, instr_mask[batch["instruction"]])
-        logits = model(batch["image"], context, batch.get("proprio"), batch["mask"])
+        images = random_shift(batch["image"], cfg.data.random_shift, aug_gen)
+        logits = model(images, context, batch.get("proprio"), batch["mask"])
         targets = action_tok.tokenize(batch["action"])
         loss, acc = sequence_loss(logits, targets, batch["mask"], cfg.train.label_sigma)
         opt.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 CLI = [sys.executable, str(ROOT / "run_policy.py")]
 TINY = ["train.steps=3", "train.batch_size=2", "train.log_every=1", "train.save_every=0",
-        "model.controller.layers=1", "data.sequence_length=60"]
+        "model.controller.layers=1"]
 
 
 @pytest.fixture(scope="module")

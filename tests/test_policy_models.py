@@ -183,6 +183,42 @@ def test_stepwise_inference_equals_training_unroll(model):
             assert (logits - full[:, t]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("horizon", [1, 3])
+@pytest.mark.parametrize("controller", ["ttm", "lstm"])
+def test_bounded_memory_horizon_matches_window_training(horizon, controller):
+    """memory_horizon N: each inference step equals the training forward on the window of the last N
+    frames, front-padded (mask False) at the episode start, as the window loader serves them."""
+    cfg = ModelConfig(controller=ControllerConfig(type=controller, memory_horizon=horizon), instruction_token=True)
+    m = make_model(cfg)
+    randomise_film(m)
+    m.eval()
+    t_total = 6
+    images, ids, mask, proprio = inputs(2, t_total)
+    with torch.no_grad():
+        context = m.encode_instruction(ids, mask)
+        state = m.init_state(2)
+        for t in range(t_total):
+            logits, state = m.step(images[:, t], context, proprio[:, t], state)
+            start = max(0, t + 1 - horizon)
+            pad = horizon - (t + 1 - start)
+            win_img = torch.cat([torch.zeros_like(images[:, :pad]), images[:, start:t + 1]], dim=1)
+            win_prop = torch.cat([torch.zeros_like(proprio[:, :pad]), proprio[:, start:t + 1]], dim=1)
+            step_mask = (torch.arange(horizon) >= pad).expand(2, horizon)
+            expected = m(win_img, context, win_prop, step_mask)[:, -1]
+            assert (logits - expected).abs().max() <= 1e-5
+            assert state.shape[1] == min(t + 1, horizon - 1)  # the state stays bounded
+
+
+def test_memory_horizon_must_match_the_training_window():
+    from policy.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.controller.memory_horizon"):
+        load_config("configs/quickstart.yaml", ["data.sequence=window", "data.sequence_length=4",
+                                                "model.controller.memory_horizon=2"])
+    with pytest.raises(ConfigError, match="model.controller.memory_horizon"):
+        load_config("configs/quickstart.yaml", ["data.sequence=episode", "model.controller.memory_horizon=4"])
+
+
 def test_outputs_are_causal(model):
     images, ids, mask, proprio = inputs(2, 6)
     changed_images, changed_proprio = images.clone(), proprio.clone()
