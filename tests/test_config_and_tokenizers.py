@@ -80,3 +80,22 @@ def test_sentencepiece_trained_from_instructions(tmp_path):
     assert not np.array_equal(ids[0], ids[1])
     with pytest.raises(ValueError, match="at least one"):
         train_sentencepiece(["", "  "], tmp_path / "x.model", 16)
+
+
+def test_random_shift_moves_whole_sequences_within_the_pad():
+    from policy.train import random_shift
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.zeros(3, 2, 16, 16, 3, dtype=torch.uint8)
+    frames[:, :, 8, 8] = 255  # one bright pixel per frame
+    assert torch.equal(random_shift(frames, 0, g), frames)
+    shifted = random_shift(frames, 2, g)
+    assert shifted.shape == frames.shape and shifted.dtype == torch.uint8
+    moved = set()
+    for b in range(3):
+        where = [tuple(torch.nonzero(shifted[b, t, :, :, 0] == 255)[0].tolist()) for t in range(2)]
+        assert where[0] == where[1]  # one shift per sequence
+        dy, dx = where[0][0] - 8, where[0][1] - 8
+        assert abs(dy) <= 2 and abs(dx) <= 2
+        moved.add((dy, dx))
+    assert len(moved) > 1  # sequences get different shifts
