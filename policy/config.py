@@ -165,6 +165,14 @@ class TrainConfig:
     # Cross-entropy against a Gaussian over neighbouring bins (sigma in bins; 0 = one-hot, as RT-1).
     # Bins are ordinal; smoothing shares evidence between neighbours, which matters on small datasets.
     label_sigma: float = 0.0
+    # Fine-tuning: start from one of our policy directories. The listed top-level modules of the
+    # PolicyModel (e.g. backbone, token_learner, image_pos, controller, head, text) are copied from its
+    # model.safetensors, shape-checked; the rest starts fresh. The text encoder is left out by default
+    # because its vocabulary comes from the new dataset's sentencepiece model.
+    init_from: str = ""
+    init_modules: list[str] = field(default_factory=lambda: ["backbone", "token_learner", "image_pos"])
+    # Keep the image tokenizer (backbone incl. FiLM and BatchNorm statistics, TokenLearner, image_pos) fixed.
+    freeze_image_tokenizer: bool = False
 
 
 @dataclass

@@ -94,6 +94,43 @@ def random_shift(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.
     return out.reshape(b, t, c, h, w).permute(0, 1, 3, 4, 2).to(images.dtype)
 
 
+IMAGE_TOKENIZER = ("backbone", "token_learner", "image_pos")
+
+
+def init_from_policy(model: torch.nn.Module, policy_dir: str | Path, modules: list[str]) -> int:
+    """Copy the tensors of `modules` (top-level PolicyModel children / parameters) from a policy
+    directory's weights into `model`; returns how many tensors were copied."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = Path(policy_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"train.init_from: expected a policy directory with model.safetensors, "
+                          f"got {str(policy_dir)!r} (no {weights.name} there)")
+    try:
+        source = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"train.init_from: {str(weights)!r} is not a readable safetensors file: {exc}") from None
+    own = model.state_dict()
+    top = {name.split(".")[0] for name in own}
+    unknown = [m for m in modules if m not in top]
+    if unknown:
+        raise ConfigError(f"train.init_modules: expected names from {sorted(top)}, got {unknown}")
+    copied = 0
+    for name in own:
+        if name.split(".")[0] not in modules:
+            continue
+        if name not in source:
+            raise ConfigError(f"train.init_from: {str(weights)!r} has no tensor {name!r} (a different architecture?)")
+        if source[name].shape != own[name].shape:
+            raise ConfigError(f"train.init_from: tensor {name!r}: expected shape {tuple(own[name].shape)} "
+                              f"(this config), got {tuple(source[name].shape)} in {str(weights)!r}")
+        own[name] = source[name]
+        copied += 1
+    model.load_state_dict(own)
+    return copied
+
+
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                   label_sigma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over [B,T,A,bins] logits at valid steps; returns (loss, per-dimension accuracy)."""
@@ -146,8 +183,19 @@ def train(cfg: ExperimentConfig, data_path: str | Path, out_dir: str | Path, pro
 
     model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=data.action_dim,
                         proprio_dim=data.proprio_dim)
+    if cfg.train.init_from:
+        init_from_policy(model, cfg.train.init_from, list(cfg.train.init_modules))
+    frozen = [getattr(model, n) for n in IMAGE_TOKENIZER if getattr(model, n, None) is not None] \
+        if cfg.train.freeze_image_tokenizer else []
+    for part in frozen:
+        for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()):
+            p.requires_grad_(False)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    for part in frozen:
+        if isinstance(part, torch.nn.Module):
+            part.eval()  # BatchNorm statistics stay those of the source policy
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
 
     seq = make_sequences(data, SequenceSpec(cfg.data.sequence, cfg.data.sequence_length, cfg.model.image.image_size),

@@ -3,9 +3,11 @@ step runner -> rollouts, plus the command line's error handling."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -146,3 +148,29 @@ def test_interrupted_collect_leaves_nothing_that_reads_as_a_dataset(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fine_tune_from_a_policy_directory_with_frozen_image_tokenizer(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from policy.config import ConfigError, load_config
+    from policy.train import train
+
+    root, col, res = tiny_run
+    src = load_file(str(Path(res.policy_dir) / "model.safetensors"))
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
+                      TINY + ["train.steps=2", f"train.init_from={res.policy_dir}", "train.freeze_image_tokenizer=true",
+                              "train.seed=5"])
+    out = train(cfg, col.path, tmp_path / "ft", progress=False)
+    new = load_file(str(Path(out.policy_dir) / "model.safetensors"))
+    image = [k for k in src if k.split(".")[0] in ("backbone", "token_learner", "image_pos")]
+    assert image and all(torch.equal(src[k], new[k]) for k in image)  # copied, then frozen (BN stats too)
+    assert any(not torch.equal(src[k], new[k]) for k in src if k.startswith("controller."))  # trained on
+
+    bad = load_config(ROOT / "configs" / "quickstart.yaml", TINY + [f"train.init_from={tmp_path}"])
+    with pytest.raises(ConfigError, match="train.init_from"):
+        train(bad, col.path, tmp_path / "bad", progress=False)
+    wrong = load_config(ROOT / "configs" / "quickstart.yaml",
+                        TINY + [f"train.init_from={res.policy_dir}", "model.image.token_dim=64"])
+    with pytest.raises(ConfigError, match=r"train.init_from: tensor '.*': expected shape"):
+        train(wrong, col.path, tmp_path / "wrong", progress=False)
