@@ -16,6 +16,7 @@ from policy.model import PolicyModel
 from policy.vit import FiLMViT, TokenFiLM
 from policy.vittm import FUSIONS, RW_HEADS, FiLMViTTM, LinearAttention
 from tests.conftest import ROOT
+from tests.test_policy_models import randomise_film
 
 torch.set_num_threads(1)
 
@@ -45,16 +46,6 @@ def inputs(b: int, t: int, size: int = 32, seed: int = 1):
     ids = torch.randint(3, VOCAB, (b, 16), generator=g)
     mask = torch.arange(16).expand(b, 16) < torch.tensor([[10], [6]])[:b]
     return images, ids, mask, torch.randn(b, t, S, generator=g)
-
-
-def randomise_film(model: torch.nn.Module) -> None:
-    """FiLM starts as the identity (no gradient reaches the text encoder through it); give it weights."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, FiLM):
-                for lin in (m.gamma, m.beta):
-                    lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.05)
 
 
 def assert_every_parameter_has_a_gradient(model: torch.nn.Module) -> None:
