@@ -42,6 +42,11 @@ class ActionTokenizer:
     def num_dims(self) -> int:
         return int(self.low.size)
 
+    @property
+    def num_tokens(self) -> int:
+        """One token per dimension (the same attribute as DictActionTokenizer's)."""
+        return self.num_dims
+
     def tokenize(self, actions: torch.Tensor | np.ndarray) -> torch.Tensor:
         a = torch.as_tensor(actions, dtype=torch.float32)
         if a.shape[-1] != self.num_dims:
@@ -61,10 +66,13 @@ class ActionTokenizer:
         return t / (self.bins - 1) * (high - low) + low
 
     def to_dict(self) -> dict:
-        return {"low": self.low.tolist(), "high": self.high.tolist(), "bins": self.bins, "names": list(self.names)}
+        return {"kind": "vector", "low": self.low.tolist(), "high": self.high.tolist(), "bins": self.bins,
+                "names": list(self.names)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ActionTokenizer":
+        if d.get("kind", "vector") != "vector":
+            raise ValueError(f"action tokenizer: expected kind 'vector', got {d.get('kind')!r}")
         return cls(d["low"], d["high"], d["bins"], d.get("names"))
 
 
@@ -323,3 +331,15 @@ class DictActionTokenizer:
 
 def _is_int(t: torch.Tensor) -> bool:
     return t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def action_tokenizer_from_dict(d: dict) -> "ActionTokenizer | DictActionTokenizer":
+    """Rebuild whichever tokenizer wrote `d` (its "kind"; files without one predate dict actions)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"action tokenizer: expected a JSON object, got {type(d).__name__}")
+    kind = d.get("kind", "vector")
+    if kind == "vector":
+        return ActionTokenizer.from_dict(d)
+    if kind == "dict":
+        return DictActionTokenizer.from_dict(d)
+    raise ValueError(f"action tokenizer kind: expected 'vector' or 'dict', got {kind!r}")

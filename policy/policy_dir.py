@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_model, save_model
 
-from policy.action_tokenizer import ActionTokenizer
+from policy.action_tokenizer import ActionTokenizer, DictActionTokenizer, action_tokenizer_from_dict
 from policy.config import ExperimentConfig, config_from_dict, config_to_dict
 from policy.language import TextTokenizer
 
@@ -55,7 +55,7 @@ class InputSpec:
 
 
 def save_policy_dir(out: str | Path, cfg: ExperimentConfig, model: torch.nn.Module, tokenizer_model: str | Path,
-                    action_tokenizer: ActionTokenizer, action_stats: dict, spec: InputSpec,
+                    action_tokenizer: ActionTokenizer | DictActionTokenizer, action_stats: dict, spec: InputSpec,
                     extra: dict | None = None) -> Path:
     """Write atomically: a staging directory is filled, then swapped in place of `out`."""
     out = Path(out)
@@ -89,7 +89,7 @@ class LoadedPolicy:
     cfg: ExperimentConfig
     model: torch.nn.Module
     text_tokenizer: TextTokenizer
-    action_tokenizer: ActionTokenizer
+    action_tokenizer: ActionTokenizer | DictActionTokenizer
     spec: InputSpec
     meta: dict
 
@@ -112,8 +112,11 @@ def load_policy_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     spec = InputSpec.from_dict(meta["input"])
     text = TextTokenizer(path / "tokenizer.model", cfg.model.language.max_tokens)
     stats = json.loads((path / "action_stats.json").read_text())
-    action_tok = ActionTokenizer.from_dict(stats["tokenizer"])
-    model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=action_tok.num_dims,
+    try:
+        action_tok = action_tokenizer_from_dict(stats["tokenizer"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PolicyDirError(f"--policy {str(path)!r}: action_stats.json 'tokenizer' is invalid: {exc}") from None
+    model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=action_tok.num_tokens,
                         proprio_dim=spec.proprio_dim)
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)

@@ -158,3 +158,30 @@ def test_construction_validation():
         DictActionTokenizer(RT1_FRACTAL_FIELDS).detokenize(torch.zeros(10, dtype=torch.int64))
     f = ActionField("x", 2, [0, 1], [1, 2])
     assert f.low == (0.0, 1.0) and hash(f) == hash(ActionField("x", 2, (0.0, 1.0), (1.0, 2.0)))
+
+
+def test_policy_dir_stores_and_restores_either_tokenizer(tmp_path):
+    """A policy trained on dict actions keeps its DictActionTokenizer (and 11 action tokens) on disk."""
+    from policy.action_tokenizer import action_tokenizer_from_dict
+    from policy.config import ControllerConfig, ExperimentConfig, ModelConfig
+    from policy.language import train_sentencepiece
+    from policy.model import PolicyModel
+    from policy.policy_dir import InputSpec, PolicyDirError, load_policy_dir, save_policy_dir
+
+    tok_model = train_sentencepiece(["pick up the can", "open the drawer"], tmp_path / "tok.model", vocab_size=40)
+    cfg = ExperimentConfig(model=ModelConfig(controller=ControllerConfig(type="lstm", layers=1), use_proprio=False))
+    dict_tok = DictActionTokenizer(RT1_FRACTAL_FIELDS, bins=256)
+    vec_tok = ActionTokenizer([-1.0] * 3, [1.0] * 3, 256, ["x", "y", "z"])
+    for name, tok in (("dict", dict_tok), ("vector", vec_tok)):
+        model = PolicyModel(cfg.model, vocab_size=40, num_action_dims=tok.num_tokens, proprio_dim=0)
+        spec = InputSpec("image", (64, 64, 3), None, 0, tok.num_tokens, {})
+        loaded = load_policy_dir(save_policy_dir(tmp_path / name, cfg, model, tok_model, tok, {}, spec))
+        assert type(loaded.action_tokenizer) is type(tok)
+        assert loaded.action_tokenizer.to_dict() == tok.to_dict()
+        assert loaded.action_tokenizer.num_tokens == (11 if name == "dict" else 3)
+    assert isinstance(action_tokenizer_from_dict({"low": [0.0], "high": [1.0], "bins": 4}), ActionTokenizer)  # old files
+    stats = json.loads((tmp_path / "dict" / "action_stats.json").read_text())
+    stats["tokenizer"]["kind"] = "banana"
+    (tmp_path / "dict" / "action_stats.json").write_text(json.dumps(stats))
+    with pytest.raises(PolicyDirError, match="kind: expected 'vector' or 'dict', got 'banana'"):
+        load_policy_dir(tmp_path / "dict")
