@@ -127,6 +127,12 @@ def cmd_bench(a: argparse.Namespace) -> dict:
                           device=a.device, overrides=a.overrides)
     elif a.what == "step":
         res = bench_step(a.policy, a.config, a.steps or 200, a.threads)
+    elif a.what == "step-latency":
+        from rollout.bench_step_latency import bench_step_latency
+
+        res = bench_step_latency(a.config, tuple(a.controllers.split(",")), tuple(int(s) for s in a.at.split(",")),
+                                 repeats=a.repeats, window=a.window, threads=a.threads, overrides=a.overrides,
+                                 plot=a.plot)
     else:
         res = bench_env(a.env, a.steps or 200, a.image_size or 64)
     print(json.dumps(res, indent=2))
@@ -200,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure: 'step' (policy step latency), 'env' (simulator speed), "
                                      "'backbone' (image backbone latency and FLOPs: efficientnet-b3, vittm, vit) or "
                                      "'model' (a config's parameters per component, tokens per frame, FLOPs per "
-                                     "policy step, stepwise-vs-unrolled difference)")
-    b.add_argument("what", choices=["step", "env", "backbone", "model"])
+                                     "policy step, stepwise-vs-unrolled difference) or 'step-latency' (per-step "
+                                     "latency at episode steps 1..1000 for every controller, side by side)")
+    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency"])
     b.add_argument("--policy", default=None, help="policy directory (bench step)")
     b.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="config for a freshly initialised policy (bench step, bench model)")
@@ -212,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="bench model: torch device")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="bench model: a config override, repeatable (e.g. --set model.controller.type=rt1)")
+    b.add_argument("--controllers", default="ttm,rt1,causal_transformer,lstm",
+                   help="bench step-latency: controller types compared (same tokenizer and head)")
+    b.add_argument("--at", default="1,10,100,1000", help="bench step-latency: episode steps reported")
+    b.add_argument("--repeats", type=int, default=3, help="bench step-latency: episodes per controller")
+    b.add_argument("--window", type=int, default=10,
+                   help="bench step-latency: steps t..t+window-1 pooled into the median at step t")
+    b.add_argument("--plot", default=None, metavar="PNG", help="bench step-latency: write a latency-vs-step plot")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--env", default="tabletop")
     b.add_argument("--image-size", type=int, default=None, help="default 64 (bench env), 224 (bench backbone)")

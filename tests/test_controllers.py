@@ -372,3 +372,21 @@ def test_bench_model_counts_growing_history_cost():
     lstm = bench_model(str(ROOT / "configs" / "quickstart.yaml"), steps=2, threads=1, action_dims=3,
                        overrides=["model.controller.type=lstm"])
     assert lstm["flops_per_step"]["first_step"]["per_component"]["controller"] > 0  # mkldnn LSTM is counted
+
+
+def test_bench_step_latency_cli_reports_every_controller_and_plots(tmp_path):
+    out, plot = tmp_path / "latency.json", tmp_path / "latency.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "bench", "step-latency", "--at", "1,4,12",
+                           "--repeats", "1", "--window", "2", "--threads", "1", "--plot", str(plot),
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == set(CONTROLLER_TYPES) and res["samples_per_point"] == 2
+    for r in res["results"].values():
+        assert set(r["latency_at_step"]) == {"1", "4", "12"}
+        assert all(v["median_ms"] > 0 for v in r["latency_at_step"].values()) and r["params"] > 0
+    assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "bench", "step-latency", "--controllers",
+                          "ttm,gru"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--controllers" in bad.stderr and "gru" in bad.stderr
