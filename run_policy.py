@@ -131,8 +131,7 @@ def cmd_bench(a: argparse.Namespace) -> dict:
         from rollout.bench_step_latency import bench_step_latency
 
         res = bench_step_latency(a.config, tuple(a.controllers.split(",")), tuple(int(s) for s in a.at.split(",")),
-                                 repeats=a.repeats, window=a.window, threads=a.threads, overrides=a.overrides,
-                                 plot=a.plot)
+                                 samples=a.samples, threads=a.threads, overrides=a.overrides, plot=a.plot)
     else:
         res = bench_env(a.env, a.steps or 200, a.image_size or 64)
     print(json.dumps(res, indent=2))
@@ -222,9 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--controllers", default="ttm,rt1,causal_transformer,lstm",
                    help="bench step-latency: controller types compared (same tokenizer and head)")
     b.add_argument("--at", default="1,10,100,1000", help="bench step-latency: episode steps reported")
-    b.add_argument("--repeats", type=int, default=3, help="bench step-latency: episodes per controller")
-    b.add_argument("--window", type=int, default=10,
-                   help="bench step-latency: steps t..t+window-1 pooled into the median at step t")
+    b.add_argument("--samples", type=int, default=30,
+                   help="bench step-latency: timed calls of each step t (from the saved state after step t-1)")
     b.add_argument("--plot", default=None, metavar="PNG", help="bench step-latency: write a latency-vs-step plot")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--env", default="tabletop")

@@ -1,8 +1,7 @@
 """Step cost versus episode length, for every controller with the same tokenizer and head.
 
-For each controller, R episodes of length max(at) + K - 1 are stepped with one fixed random frame;
-the latency "at step t" is the median of steps t .. t+K-1 over all R episodes (R*K samples). The
-controllers run in one process, interleaved per episode, so machine noise hits them alike.
+Every controller gets the same image tokenizer, head, frame and instruction; only the controller
+differs. See bench_step_latency for how step t is timed.
 
 TTM and LSTM carry a fixed-size state, so their step cost must not grow with t; the full-history
 causal transformer attends over every past token (KV cache), so its cost grows; the RT-1 window
@@ -20,6 +19,7 @@ from rollout.bench import _machine
 
 DEFAULT_CONTROLLERS = ("ttm", "rt1", "causal_transformer", "lstm")
 DEFAULT_AT = (1, 10, 100, 1000)
+PLOT_POINTS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 def _build(config: str, controller: str, overrides: list[str], proprio_dim: int, action_dims: int, seed: int):
@@ -40,13 +40,20 @@ def _build(config: str, controller: str, overrides: list[str], proprio_dim: int,
 
 
 def bench_step_latency(config: str, controllers: tuple[str, ...] = DEFAULT_CONTROLLERS,
-                       at: tuple[int, ...] = DEFAULT_AT, repeats: int = 3, window: int = 10, threads: int = 2,
+                       at: tuple[int, ...] = DEFAULT_AT, samples: int = 30, threads: int = 2,
                        overrides: list[str] | None = None, action_dims: int = 5, proprio_dim: int = 4,
                        seed: int = 0, plot: str | Path | None = None, progress: bool = True) -> dict:
+    """Latency of policy step t, for t in `at`, measured `samples` times from the state after step t-1.
+
+    Each controller is first stepped (untimed) through an episode to max(at), keeping its state before
+    every reported step. The timed calls then replay step t from that saved state, in a seeded random
+    order over (controller, t): machine noise is spread over all points instead of hitting the late
+    steps of an episode, and "the median of many" is a median over `samples` calls.
+    """
     if not at or min(at) < 1:
         raise ValueError(f"--at: expected step numbers >= 1, got {list(at)}")
-    if repeats < 1 or window < 1 or threads < 1:
-        raise ValueError(f"--repeats, --window, --threads: expected >= 1, got {repeats}, {window}, {threads}")
+    if samples < 1 or threads < 1:
+        raise ValueError(f"--samples, --threads: expected >= 1, got {samples}, {threads}")
     from policy.controllers import CONTROLLER_TYPES
 
     unknown = [c for c in controllers if c not in CONTROLLER_TYPES]
@@ -54,77 +61,82 @@ def bench_step_latency(config: str, controllers: tuple[str, ...] = DEFAULT_CONTR
         raise ValueError(f"--controllers: expected names from {list(CONTROLLER_TYPES)}, got {unknown}")
     torch.set_num_threads(threads)
     overrides = list(overrides or [])
+    at = tuple(sorted(set(int(s) for s in at)))
+    points = tuple(sorted(set(at) | (set(PLOT_POINTS) & set(range(1, max(at) + 1)) if plot else set())))
     built = {c: _build(config, c, overrides, proprio_dim, action_dims, seed) for c in controllers}
     cfg = next(iter(built.values()))[0]
     size = cfg.model.image.image_size
     g = torch.Generator().manual_seed(seed)
     image = torch.randint(0, 256, (1, size, size, 3), dtype=torch.uint8, generator=g)
     proprio = torch.randn(1, proprio_dim, generator=g) if cfg.model.use_proprio else None
-    length = max(at) + window - 1
-    times = {c: np.zeros((repeats, length)) for c in controllers}
 
     from tqdm import tqdm
 
-    bar = tqdm(total=repeats * len(controllers) * length, desc="step-latency", unit="step", disable=not progress)
+    contexts, saved = {}, {}
     with torch.inference_mode():
-        contexts = {}
+        bar = tqdm(total=len(controllers) * max(points), desc="roll out", unit="step", disable=not progress)
         for c, (_, model) in built.items():
             ids = torch.randint(3, cfg.model.language.vocab_size, (1, cfg.model.language.max_tokens), generator=g)
             contexts[c] = model.encode_instruction(ids, torch.ones_like(ids, dtype=torch.bool))
-        for r in range(repeats):
-            for c, (_, model) in built.items():  # interleaved: noise is shared, not aimed at one controller
-                state = model.init_state(1)
-                for _ in range(3):  # warm-up outside the timed episode
-                    model.step(image, contexts[c], proprio, model.init_state(1))
-                for t in range(length):
-                    t0 = time.perf_counter()
-                    _, state = model.step(image, contexts[c], proprio, state)
-                    times[c][r, t] = time.perf_counter() - t0
-                bar.update(length)
-    bar.close()
+            state = model.init_state(1)
+            for t in range(1, max(points) + 1):
+                if t in points:
+                    saved[c, t] = state  # step() returns a new state; the saved one is never mutated
+                _, state = model.step(image, contexts[c], proprio, state)
+                bar.update(1)
+        bar.close()
+        order = [(c, t) for c in controllers for t in points] * samples
+        np.random.default_rng(seed).shuffle(order)
+        times: dict[tuple[str, int], list[float]] = {k: [] for k in saved}
+        for c, _ in built.items():  # warm-up
+            for _ in range(3):
+                built[c][1].step(image, contexts[c], proprio, saved[c, points[0]])
+        for c, t in tqdm(order, desc="timed steps", unit="step", disable=not progress):
+            model = built[c][1]
+            t0 = time.perf_counter()
+            model.step(image, contexts[c], proprio, saved[c, t])
+            times[c, t].append(time.perf_counter() - t0)
 
     results = {}
+    ref = at[1] if len(at) > 1 else at[0]
     for c in controllers:
         per_step = {}
-        for s in at:
-            sample = 1000 * times[c][:, s - 1:s - 1 + window].reshape(-1)
-            per_step[str(s)] = {"median_ms": round(float(np.median(sample)), 3),
-                                "p90_ms": round(float(np.percentile(sample, 90)), 3)}
-        first, last = str(at[1] if len(at) > 1 else at[0]), str(at[-1])
+        for s in points:
+            ms = 1000 * np.asarray(times[c, s])
+            per_step[str(s)] = {"median_ms": round(float(np.median(ms)), 3),
+                                "p90_ms": round(float(np.percentile(ms, 90)), 3)}
         results[c] = {
-            "latency_at_step": per_step,
-            "ratio_last_to_second": round(per_step[last]["median_ms"] / per_step[first]["median_ms"], 3),
-            "steps_per_second_at_last": round(1000 / per_step[last]["median_ms"], 1),
+            "latency_at_step": {str(s): per_step[str(s)] for s in at},
+            "ratio_last_to_ref": round(per_step[str(at[-1])]["median_ms"] / per_step[str(ref)]["median_ms"], 3),
+            "steps_per_second_at_last": round(1000 / per_step[str(at[-1])]["median_ms"], 1),
             "params": int(sum(p.numel() for p in built[c][1].parameters())),
+            **({"plot_points": per_step} if plot else {}),
         }
     out = {"benchmark": "step-latency", "config": str(config), "overrides": overrides, "image_size": size,
-           "controllers": list(controllers), "at": list(at), "repeats": repeats, "window": window,
-           "samples_per_point": repeats * window, "threads": threads,
-           "ratio_definition": f"median latency at step {at[-1]} / at step {at[1] if len(at) > 1 else at[0]}",
+           "controllers": list(controllers), "at": list(at), "samples_per_point": samples, "threads": threads,
+           "ratio_definition": f"median latency at step {at[-1]} / at step {ref}",
            "results": results, "machine": _machine()}
     if plot:
-        out["plot"] = _plot(out, times, Path(plot))
+        out["plot"] = _plot(out, Path(plot))
     return out
 
 
-def _plot(out: dict, times: dict[str, np.ndarray], path: Path) -> str:
+def _plot(out: dict, path: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for c, t in times.items():
-        med = 1000 * np.median(t, axis=0)
-        steps = np.arange(1, med.size + 1)
-        # A running median over 9 steps keeps the trend readable on a noisy shared machine.
-        smooth = np.array([np.median(med[max(0, i - 4):i + 5]) for i in range(med.size)])
-        ax.plot(steps, smooth, label=c)
+    for c, r in out["results"].items():
+        pts = sorted((int(s), v["median_ms"]) for s, v in r["plot_points"].items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=c)
     ax.set_xscale("log")
     ax.set_xlabel("episode step")
-    ax.set_ylabel("policy step latency (ms, median)")
+    ax.set_ylabel(f"policy step latency (ms, median of {out['samples_per_point']})")
     ax.set_title(f"Step cost vs episode length ({Path(out['config']).stem}, {out['threads']} threads)")
     ax.grid(True, which="both", alpha=0.3)
+    ax.set_ylim(bottom=0)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -377,7 +377,7 @@ def test_bench_model_counts_growing_history_cost():
 def test_bench_step_latency_cli_reports_every_controller_and_plots(tmp_path):
     out, plot = tmp_path / "latency.json", tmp_path / "latency.png"
     proc = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "bench", "step-latency", "--at", "1,4,12",
-                           "--repeats", "1", "--window", "2", "--threads", "1", "--plot", str(plot),
+                           "--samples", "2", "--threads", "1", "--plot", str(plot),
                            "--json", str(out)], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
