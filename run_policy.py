@@ -61,10 +61,27 @@ def cmd_train(a: argparse.Namespace) -> dict:
     overrides = list(a.overrides)
     if a.steps is not None:
         overrides.append(f"train.steps={a.steps}")
-    cfg = load_config(a.config, overrides)
-    res = train(cfg, a.data, a.out)
+    if a.resume:
+        from policy.checkpoint import read_run_meta
+        from policy.config import config_from_dict, validate_config
+        from omegaconf import OmegaConf
+
+        # The run's own config; command-line overrides (e.g. more --steps) apply on top.
+        base = OmegaConf.create(read_run_meta(a.resume)["config"])
+        if overrides:
+            base = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        cfg = config_from_dict(OmegaConf.to_container(base))
+        validate_config(cfg)
+        if a.out and Path(a.out).resolve() != Path(a.resume).resolve():
+            raise ValueError(f"--out {a.out!r}: expected nothing or the --resume directory {a.resume!r}")
+        res = train(cfg, a.data, a.resume, resume=True)
+    else:
+        if not a.data or not a.out:
+            raise ValueError("train: expected --data and --out (or --resume RUN_DIR)")
+        cfg = load_config(a.config, overrides)
+        res = train(cfg, a.data, a.out)
     print(f"trained {res.steps} steps in {res.seconds:.0f}s: loss {res.final_loss:.3f}, "
-          f"token accuracy {res.final_token_accuracy:.3f}; policy at {res.policy_dir}")
+          f"token accuracy {res.final_token_accuracy:.3f}, {res.skipped_steps} skipped; policy at {res.policy_dir}")
     return res.to_json()
 
 
@@ -132,6 +149,10 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 
         res = bench_step_latency(a.config, tuple(a.controllers.split(",")), tuple(int(s) for s in a.at.split(",")),
                                  samples=a.samples, threads=a.threads, overrides=a.overrides, plot=a.plot)
+    elif a.what == "train":
+        from rollout.bench_train import bench_train
+
+        res = bench_train(a.config, a.data, a.steps or 20, overrides=a.overrides)
     else:
         res = bench_env(a.env, a.steps or 200, a.image_size or 64)
     print(json.dumps(res, indent=2))
@@ -174,8 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="behaviour cloning from an RLDS dataset into a policy directory")
     t.add_argument("--config", default=str(DEFAULT_CONFIG))
-    t.add_argument("--data", required=True, help="RLDS dataset directory")
-    t.add_argument("--out", required=True, help="run directory; the policy goes to OUT/policy")
+    t.add_argument("--data", default=None, help="RLDS dataset directory (with --resume: default the run's)")
+    t.add_argument("--out", default=None, help="run directory; the policy goes to OUT/policy")
+    t.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue RUN_DIR from its newest checkpoint, exactly (its config; overrides on top)")
     t.add_argument("--steps", type=int, default=None, help="shortcut for train.steps=N")
     t.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.lr=3e-4")
     t.set_defaults(fn=cmd_train)
@@ -206,8 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "'backbone' (image backbone latency and FLOPs: efficientnet-b3, vittm, vit) or "
                                      "'model' (a config's parameters per component, tokens per frame, FLOPs per "
                                      "policy step, stepwise-vs-unrolled difference) or 'step-latency' (per-step "
-                                     "latency at episode steps 1..1000 for every controller, side by side)")
-    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency"])
+                                     "latency at episode steps 1..1000 for every controller, side by side) or 'train' (training "
+                                     "samples/s, seconds per step split into data/forward/backward/optimizer, "
+                                     "peak memory)")
+    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency", "train"])
+    b.add_argument("--data", default=None,
+                   help="bench train: RLDS dataset (default: a tiny tabletop dataset collected into a temp dir)")
     b.add_argument("--policy", default=None, help="policy directory (bench step)")
     b.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="config for a freshly initialised policy (bench step, bench model)")
@@ -217,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--proprio-dim", type=int, default=8, help="bench model: proprio size (if the config uses it)")
     b.add_argument("--device", default="cpu", help="bench model: torch device")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="bench model: a config override, repeatable (e.g. --set model.controller.type=rt1)")
+                   help="bench model / train: a config override, repeatable (e.g. --set model.controller.type=rt1)")
     b.add_argument("--controllers", default="ttm,rt1,causal_transformer,lstm",
                    help="bench step-latency: controller types compared (same tokenizer and head)")
     b.add_argument("--at", default="1,10,100,1000", help="bench step-latency: episode steps reported")

@@ -173,6 +173,29 @@ class TrainConfig:
     init_modules: list[str] = field(default_factory=lambda: ["backbone", "token_learner", "image_pos"])
     # Keep the image tokenizer (backbone incl. FiLM and BatchNorm statistics, TokenLearner, image_pos) fixed.
     freeze_image_tokenizer: bool = False
+    # Fine-tuning, explicit: reuse the source policy's sentencepiece model (then "text" may be listed in
+    # init_modules, the vocabulary matches) instead of training one on the new dataset's instructions;
+    # reuse the source's action bounds (the head's bins keep their meaning) instead of the new dataset's.
+    init_tokenizer: bool = False
+    init_action_bounds: bool = False
+    optimizer: str = "adamw"  # adamw | adam
+    # Micro-batches per optimizer step: each rank computes batch_size / (world_size * grad_accum) samples
+    # per micro-batch; batch_size is the global batch.
+    grad_accum: int = 1
+    # A step whose loss or gradient norm is NaN/Inf is skipped (no update) and counted; this many
+    # consecutive skipped steps stop training with an error.
+    max_bad_steps: int = 10
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights; the saved policy uses the EMA weights
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    # bfloat16 autocast: "auto" = on for cuda, off on cpu; "bf16" = on everywhere; "off".
+    autocast: str = "auto"
+    compile: bool = False  # torch.compile the model (worth it on GPU for long runs)
+    keep_checkpoints: int = 3  # RUN_DIR/checkpoints/step-N kept (the newest K)
+    # Evaluation in the loop: every eval_every steps (0 = off) roll the current policy out in simulation
+    # (eval_episodes per task, tasks of the dataset), log success to TensorBoard, write videos.
+    eval_every: int = 0
+    eval_episodes: int = 5
+    eval_videos: int = 1
 
 
 @dataclass
@@ -284,3 +307,16 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     _require(t.lr > 0, "train.lr", "> 0", t.lr)
     _require(t.label_sigma >= 0, "train.label_sigma", ">= 0", t.label_sigma)
+    _require(t.optimizer in ("adamw", "adam"), "train.optimizer", "'adamw' or 'adam'", t.optimizer)
+    _require(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
+    _require(t.batch_size % t.grad_accum == 0, "train.batch_size",
+             f"a multiple of train.grad_accum ({t.grad_accum})", t.batch_size)
+    _require(t.max_bad_steps >= 1, "train.max_bad_steps", ">= 1", t.max_bad_steps)
+    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "in [0, 1)", t.ema_decay)
+    _require(t.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'", t.device)
+    _require(t.autocast in ("auto", "bf16", "off"), "train.autocast", "'auto', 'bf16' or 'off'", t.autocast)
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
+    _require(t.eval_every >= 0, "train.eval_every", ">= 0", t.eval_every)
+    _require(t.eval_episodes >= 1, "train.eval_episodes", ">= 1", t.eval_episodes)
+    _require(t.save_every >= 0, "train.save_every", ">= 0", t.save_every)
+    _require(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps)

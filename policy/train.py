@@ -1,27 +1,43 @@
 """Behaviour cloning: RLDS sequences -> cross-entropy over discretised action tokens.
 
 The loss is averaged over every action token of every valid step (RT-1). Output: a self-contained
-policy directory (see policy/policy_dir.py) under RUN_DIR/policy, TensorBoard scalars under RUN_DIR/tb.
+policy directory (see policy/policy_dir.py) under RUN_DIR/policy, checkpoints that resume exactly
+under RUN_DIR/checkpoints (policy/checkpoint.py), TensorBoard scalars under RUN_DIR/tb, rollout videos
+of the evaluation in the loop under RUN_DIR/eval. One process, or one per device under torchrun
+(policy/distributed.py). docs/TRAINING.md describes the run directory and the knobs.
+
+Reproducibility: the data order is a pure function of (seed, rank, world size, step): the tf.data
+pipeline is re-created from its seeds and the consumed micro-batches are skipped on resume; the
+augmentation and dropout RNGs are re-seeded from (seed, rank, step) at every step.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
-import os
+import random
 import shutil
+import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from policy.action_tokenizer import ActionTokenizer
-from policy.config import ConfigError, ExperimentConfig
+from policy import checkpoint as ckpt
+from policy.action_tokenizer import ActionTokenizer, action_tokenizer_from_dict
+from policy.config import ConfigError, ExperimentConfig, config_to_dict
+from policy.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown, wrap_model
 from policy.language import TextTokenizer, train_sentencepiece
 from policy.policy_dir import InputSpec, save_policy_dir
+from policy.train_step import EMA, Optimization, StepStats, TrainingError
+
+__all__ = ["train", "Trainer", "TrainResult", "TrainingError", "check_writable", "lr_lambda", "sequence_loss",
+           "random_shift", "init_from_policy"]
 
 
 @dataclass
@@ -33,6 +49,10 @@ class TrainResult:
     final_token_accuracy: float
     seconds: float
     samples_per_second: float
+    skipped_steps: int = 0
+    resumed_from_step: int = 0
+    world_size: int = 1
+    eval: dict = field(default_factory=dict)  # the last evaluation in the loop, if any
 
     def to_json(self) -> dict:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -147,111 +167,394 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     return loss, acc
 
 
-def train(cfg: ExperimentConfig, data_path: str | Path, out_dir: str | Path, progress: bool = True) -> TrainResult:
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+# -- data ---------------------------------------------------------------------------------------
+@dataclass
+class TrainingData:
+    """What training needs from the data layer: the opened dataset (keys, shapes, instructions,
+    action statistics) and a factory for this rank's endless micro-batch stream."""
+    dataset: Any  # datasets.rlds_loader.RLDSDataset
+    micro_batch: int
+    batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]  # batches(skip) -> stream after `skip` batches
 
+
+class _EpisodeShard:
+    """An RLDSDataset seen through tf.data .shard(world_size, rank) on episodes."""
+
+    def __init__(self, data: Any, world_size: int, rank: int):
+        self._data, self._n, self._i = data, world_size, rank
+
+    def episode_tensors(self, *args, **kwargs):
+        return self._data.episode_tensors(*args, **kwargs).shard(self._n, self._i)
+
+
+def _build_data(cfg: ExperimentConfig, data_path: str | Path, rank: int, world_size: int, seed: int) -> TrainingData:
+    """The data layer in one place (to be replaced by datasets.training_inputs.open_training_inputs):
+    this rank's shard of episodes -> sequences -> micro-batches of batch_size / (world_size * grad_accum)."""
     from datasets.rlds_loader import DataKeys, RLDSDataset, SequenceSpec, TorchBatches, make_sequences
-    from policy.model import PolicyModel
+    from datasets.tf_setup import tf
 
-    out_dir = Path(out_dir)
-    check_writable(out_dir)
-    torch.manual_seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-
+    tf.random.set_seed(seed)  # tfds file shuffling draws from TF's global seed
     keys = DataKeys(camera=cfg.data.camera, proprio=cfg.data.proprio_key if cfg.model.use_proprio else None,
                     instruction=cfg.data.instruction_key)
     data = RLDSDataset(data_path, keys)
-    if data.image_shape[-1] != 3:
+    if data.num_episodes < world_size:
+        raise ConfigError(f"--data {data.dir!r}: expected at least one episode per rank ({world_size} ranks), "
+                          f"the dataset has {data.num_episodes}")
+    micro = cfg.train.batch_size // (world_size * cfg.train.grad_accum)
+    if micro * world_size * cfg.train.grad_accum != cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size: expected a multiple of world size x train.grad_accum "
+                          f"({world_size} x {cfg.train.grad_accum}), got {cfg.train.batch_size}")
+    instruction_ids = {s: i for i, s in enumerate(data.instructions)}
+    source = _EpisodeShard(data, world_size, rank) if world_size > 1 else data
+
+    def batches(skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        seq = make_sequences(source, SequenceSpec(cfg.data.sequence, cfg.data.sequence_length,
+                                                  cfg.model.image.image_size),
+                             instruction_ids, shuffle=True, seed=seed, cache=cfg.data.cache_in_memory,
+                             shuffle_buffer=cfg.data.shuffle_buffer)
+        stream = TorchBatches(seq, micro)
+        if skip:
+            stream.ds = stream.ds.skip(skip)  # resume: the same order, minus what was consumed
+        return iter(stream)
+
+    return TrainingData(data, micro, batches)
+
+
+# -- checks before the first step -----------------------------------------------------------------
+def check_fits_dataset(cfg: ExperimentConfig, data: Any, source_spec: InputSpec | None) -> None:
+    """A config that does not fit the dataset fails here, before any step, with the mismatch named."""
+    h, w, c = data.image_shape
+    if c != 3:
         raise ConfigError(f"data.camera {cfg.data.camera!r}: expected RGB frames (H,W,3), the dataset has {data.image_shape}")
-    scan = data.scan()
-    if cfg.data.sequence == "episode" and scan["max_episode_length"] > cfg.data.sequence_length:
-        raise ConfigError(f"data.sequence_length: expected >= the longest episode ({scan['max_episode_length']} steps) "
-                          f"so the memory sees whole episodes as at inference, got {cfg.data.sequence_length}")
+    if cfg.model.image.image_size > min(h, w):
+        raise ConfigError(f"model.image.image_size: expected <= the dataset's frame size ({h}x{w} at "
+                          f"{cfg.data.camera!r}; upsampling adds no information), got {cfg.model.image.image_size}")
+    if cfg.data.action_bounds == "spec" and len(cfg.data.action_low) != data.action_dim:
+        raise ConfigError(f"data.action_low: expected {data.action_dim} values (the dataset's action size), "
+                          f"got {len(cfg.data.action_low)}")
+    if cfg.data.sequence == "episode":
+        longest = data.scan()["max_episode_length"]
+        if longest > cfg.data.sequence_length:
+            raise ConfigError(f"data.sequence_length: expected >= the longest episode ({longest} steps) so the memory "
+                              f"sees whole episodes as at inference, got {cfg.data.sequence_length}")
+    if cfg.train.eval_every and not data.sidecar.get("env"):
+        raise ConfigError("train.eval_every: expected 0 for a dataset not collected in one of our simulators "
+                          f"(no 'env' in {data.dir!r}/policy_stack.json), got {cfg.train.eval_every}")
+    if source_spec is not None:
+        if cfg.train.init_action_bounds and source_spec.action_dim != data.action_dim:
+            raise ConfigError(f"train.init_action_bounds: the source policy has {source_spec.action_dim} action "
+                              f"dimensions, the dataset {data.action_dim}")
+        if cfg.model.use_proprio and "proprio" in " ".join(cfg.train.init_modules) \
+                and source_spec.proprio_dim != data.proprio_dim:
+            raise ConfigError(f"train.init_modules: the source policy's proprio size is {source_spec.proprio_dim}, "
+                              f"the dataset's {data.proprio_dim}")
 
-    work = out_dir / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    tok_path = train_sentencepiece(data.instructions, work / "tokenizer.model", cfg.model.language.vocab_size)
-    text = TextTokenizer(tok_path, cfg.model.language.max_tokens)
-    instr_ids, instr_mask = (torch.from_numpy(a) for a in text.encode(data.instructions))
-    low, high = action_bounds(cfg, scan["action_stats"], data.action_dim)
-    names = data.sidecar.get("action_names")
-    action_tok = ActionTokenizer(low, high, cfg.model.action_bins,
-                                 names if names and len(names) == data.action_dim else None)
 
-    model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=data.action_dim,
-                        proprio_dim=data.proprio_dim)
-    if cfg.train.init_from:
-        init_from_policy(model, cfg.train.init_from, list(cfg.train.init_modules))
-    frozen = [getattr(model, n) for n in IMAGE_TOKENIZER if getattr(model, n, None) is not None] \
-        if cfg.train.freeze_image_tokenizer else []
-    for part in frozen:
-        for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()):
-            p.requires_grad_(False)
-    model.train()
-    for part in frozen:
-        if isinstance(part, torch.nn.Module):
-            part.eval()  # BatchNorm statistics stay those of the source policy
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+def checkpoint_bytes(model: torch.nn.Module, ema: bool) -> int:
+    """Bytes one checkpoint takes: raw weights, policy weights, two Adam moments (+ EMA)."""
+    n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return n * (5 if ema else 4)
 
-    seq = make_sequences(data, SequenceSpec(cfg.data.sequence, cfg.data.sequence_length, cfg.model.image.image_size),
-                         {s: i for i, s in enumerate(data.instructions)}, shuffle=True, seed=cfg.train.seed,
-                         cache=cfg.data.cache_in_memory, shuffle_buffer=cfg.data.shuffle_buffer)
-    batches = iter(TorchBatches(seq, cfg.train.batch_size))
-    aug_gen = torch.Generator().manual_seed(cfg.train.seed)
 
-    spec = InputSpec(camera_key=cfg.data.camera.split("/")[-1], image_shape=tuple(data.image_shape),
-                     proprio_key=cfg.data.proprio_key.split("/")[-1] if cfg.model.use_proprio else None,
-                     proprio_dim=data.proprio_dim, action_dim=data.action_dim,
-                     env={k: data.sidecar[k] for k in ("env", "camera", "image_size", "tasks") if k in data.sidecar})
-    tb = SummaryWriter(str(out_dir / "tb"))
-    start = time.perf_counter()
-    wait_s = 0.0
-    loss_v, acc_v = float("nan"), float("nan")
-    samples = 0
-    bar = tqdm(range(cfg.train.steps), desc="train", unit="step", disable=not progress)
+def _source_policy(cfg: ExperimentConfig) -> tuple[Path, InputSpec, dict] | None:
+    if not cfg.train.init_from:
+        if cfg.train.init_tokenizer or cfg.train.init_action_bounds:
+            raise ConfigError("train.init_tokenizer / train.init_action_bounds: expected train.init_from "
+                              "(the policy directory to take them from), got none")
+        return None
+    src = Path(cfg.train.init_from)
+    meta_file, stats_file = src / "policy.json", src / "action_stats.json"
+    if not meta_file.is_file() or not stats_file.is_file():
+        raise ConfigError(f"train.init_from: expected a policy directory with model.safetensors, "
+                          f"got {str(src)!r} (no policy.json / action_stats.json there)")
+    spec = InputSpec.from_dict(json.loads(meta_file.read_text())["input"])
+    return src, spec, json.loads(stats_file.read_text())
 
-    def save() -> Path:
-        return save_policy_dir(out_dir / "policy", cfg, model, tok_path, action_tok, scan["action_stats"], spec,
-                               extra={"trained_steps": step + 1, "dataset": data.dir})
 
-    for step in bar:
+class _BCForward(torch.nn.Module):
+    """Instruction encoding and the policy in one forward, so DDP sees every parameter's use."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, ids_mask, images, proprio, mask):
+        return self.model(images, self.model.encode_instruction(ids, ids_mask), proprio, mask)
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2 ** 63)
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+class Trainer:
+    """Set up once (data, tokenizers, model, optimizer, resume), then `run()` or `train_step()`."""
+
+    def __init__(self, cfg: ExperimentConfig, data_path: str | Path | None, out_dir: str | Path,
+                 progress: bool = True, resume: bool = False, info: DistInfo | None = None):
+        self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
+        self.info = info or init_distributed(cfg.train.device)
+        t = cfg.train
+        if resume:
+            meta = ckpt.read_run_meta(self.out_dir)
+            data_path = data_path or meta["data"]
+        if not data_path:
+            raise ConfigError("--data: expected an RLDS dataset directory, got none")
+        if self.info.is_main:
+            check_writable(self.out_dir)
+        self.data_path = str(data_path)
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+        random.seed(t.seed)
+        if t.num_threads:
+            torch.set_num_threads(t.num_threads)
+
+        self.inputs = _build_data(cfg, data_path, self.info.rank, self.info.world_size, t.seed)
+        data = self.dataset = self.inputs.dataset
+        source = _source_policy(cfg)
+        check_fits_dataset(cfg, data, source[1] if source else None)
+        scan = data.scan()
+        self.action_stats = scan["action_stats"]
+
+        # Tokenizers: explicit about where they come from (a resumed run keeps its own).
+        work = self.out_dir / "work" if self.info.is_main else Path(tempfile.mkdtemp(prefix="policy-stack-rank-"))
+        work.mkdir(parents=True, exist_ok=True)
+        tok_path = work / "tokenizer.model"
+        if resume and tok_path.is_file():
+            pass
+        elif source and t.init_tokenizer:
+            shutil.copyfile(source[0] / "tokenizer.model", tok_path)
+        else:
+            train_sentencepiece(data.instructions, tok_path, cfg.model.language.vocab_size)
+        self.tok_path = tok_path
+        text = TextTokenizer(tok_path, cfg.model.language.max_tokens)
+        self.instr_ids, self.instr_mask = (torch.from_numpy(a) for a in text.encode(data.instructions))
+        if source and t.init_action_bounds:
+            self.action_tok = action_tokenizer_from_dict(source[2]["tokenizer"])
+            if not isinstance(self.action_tok, ActionTokenizer):
+                raise ConfigError("train.init_action_bounds: expected a source policy with a vector action "
+                                  f"tokenizer (this trainer reads flat action vectors), got {source[0]}'s dict tokenizer")
+            if self.action_tok.num_tokens != data.action_dim or self.action_tok.bins != cfg.model.action_bins:
+                raise ConfigError(f"train.init_action_bounds: the source tokenizer has {self.action_tok.num_tokens} "
+                                  f"dimensions x {self.action_tok.bins} bins, this run needs {data.action_dim} x "
+                                  f"{cfg.model.action_bins} (model.action_bins)")
+        else:
+            low, high = action_bounds(cfg, self.action_stats, data.action_dim)
+            names = data.sidecar.get("action_names")
+            self.action_tok = ActionTokenizer(low, high, cfg.model.action_bins,
+                                              names if names and len(names) == data.action_dim else None)
+
+        from policy.model import PolicyModel
+
+        model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=data.action_dim,
+                            proprio_dim=data.proprio_dim)
+        if t.init_from:
+            init_from_policy(model, t.init_from, list(t.init_modules))
+        self.frozen = [getattr(model, n) for n in IMAGE_TOKENIZER if getattr(model, n, None) is not None] \
+            if t.freeze_image_tokenizer else []
+        for part in self.frozen:
+            for p in ([part] if isinstance(part, torch.nn.Parameter) else part.parameters()):
+                p.requires_grad_(False)
+        self.model = model.to(self.info.device)
+        self._set_train_mode()
+        if self.info.is_main:
+            need = checkpoint_bytes(model, t.ema_decay > 0) * (t.keep_checkpoints + 2) + (50 << 20)
+            check_writable(self.out_dir, need)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
+        wrapped: torch.nn.Module = wrap_model(_BCForward(model), self.info)
+        if t.compile:
+            wrapped = torch.compile(wrapped)
+        self.forward = wrapped
+        self.opt = Optimization(model, wrapped, self.optimizer, self.scheduler, t.grad_clip, t.autocast, self.info,
+                                self.ema, t.max_bad_steps)
+        self.aug_gen = torch.Generator().manual_seed(t.seed)
+        self.spec = InputSpec(camera_key=cfg.data.camera.split("/")[-1], image_shape=tuple(data.image_shape),
+                              proprio_key=cfg.data.proprio_key.split("/")[-1] if cfg.model.use_proprio else None,
+                              proprio_dim=data.proprio_dim, action_dim=data.action_dim,
+                              env={k: data.sidecar[k] for k in ("env", "camera", "image_size", "tasks")
+                                   if k in data.sidecar})
+        self.step = 0
+        self.samples = 0
+        self.resumed_from = 0
+        if resume:
+            self._resume()
+        elif self.info.is_main:
+            ckpt.write_run_meta(self.out_dir, {"data": str(Path(self.data_path).resolve()),
+                                               "config": config_to_dict(cfg), "world_size": self.info.world_size})
+        self._batches = self.inputs.batches(self.step * t.grad_accum)
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        for part in self.frozen:
+            if isinstance(part, torch.nn.Module):
+                part.eval()  # BatchNorm statistics stay those of the source policy
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"step": self.step, "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "rng": ckpt.capture_rng({"augment": self.aug_gen}),
+                "data_position": self.step * self.cfg.train.grad_accum, "world_size": self.info.world_size,
+                "bad_in_a_row": self.opt.bad_in_a_row, "skipped_total": self.opt.skipped_total,
+                "samples": self.samples}
+
+    def _resume(self) -> None:
+        ckpt.remove_stale_staging(self.out_dir)
+        last = ckpt.latest_checkpoint(self.out_dir)
+        if last is None:  # killed before the first checkpoint: starting over is the exact continuation
+            if self.info.is_main:
+                print(f"resume: no checkpoint in {self.out_dir} yet; starting from step 0", file=sys.stderr)
+            return
+        state = ckpt.load_train_state(last)
+        if state["world_size"] != self.info.world_size:
+            raise ckpt.CheckpointError(f"--resume {str(self.out_dir)!r}: expected the run's world size "
+                                       f"({state['world_size']} processes; the data is sharded by rank), "
+                                       f"got {self.info.world_size}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ckpt.CheckpointError(f"checkpoint {str(last)!r}: has no EMA weights but train.ema_decay > 0")
+            self.ema.load_state_dict(state["ema"])
+        ckpt.restore_rng(state["rng"], {"augment": self.aug_gen})
+        self.step = self.resumed_from = int(state["step"])
+        self.opt.bad_in_a_row, self.opt.skipped_total = int(state["bad_in_a_row"]), int(state["skipped_total"])
+        self.samples = int(state["samples"])
+
+    def _write_policy(self, path: Path) -> Path:
+        model = self.model
+        if self.ema is not None:  # the saved policy runs the EMA weights
+            model = copy.deepcopy(self.model)
+            model.load_state_dict(self.ema.shadow)
+        return save_policy_dir(path, self.cfg, model, self.tok_path, self.action_tok, self.action_stats, self.spec,
+                               extra={"trained_steps": self.step, "dataset": self.dataset.dir,
+                                      "ema_decay": self.cfg.train.ema_decay})
+
+    def save(self) -> Path:
+        """Checkpoint + RUN_DIR/policy (rank 0 only; call on every rank)."""
+        if self.info.is_main:
+            ckpt.save_checkpoint(self.out_dir, self.step, self._state(), self._write_policy,
+                                 self.cfg.train.keep_checkpoints)
+            self._write_policy(self.out_dir / "policy")
+        barrier(self.info)
+        return self.out_dir / "policy"
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = self.info.device
+        images = random_shift(batch["image"], self.cfg.data.random_shift, self.aug_gen).to(dev)
+        idx = batch["instruction"]
+        proprio = batch.get("proprio")
+        mask = batch["mask"].to(dev)
+        logits = self.forward(self.instr_ids[idx].to(dev), self.instr_mask[idx].to(dev), images,
+                              proprio.to(dev) if proprio is not None else None, mask)
+        targets = self.action_tok.tokenize(batch["action"]).to(dev)
+        loss, acc = sequence_loss(logits.float(), targets, mask, self.cfg.train.label_sigma)
+        return loss, acc, mask.sum()
+
+    def train_step(self) -> tuple[StepStats, float]:
+        """One optimizer step; returns its stats and the seconds spent waiting for data."""
+        seed = _step_seed(self.cfg.train.seed, self.info.rank, self.step)
+        self.aug_gen.manual_seed(seed)
+        torch.manual_seed(seed)  # dropout: a pure function of (seed, rank, step), resumable
         t0 = time.perf_counter()
-        batch = next(batches)
-        wait_s += time.perf_counter() - t0
-        ids = instr_ids[batch["instruction"]]
-        context = model.encode_instruction(ids, instr_mask[batch["instruction"]])
-        images = random_shift(batch["image"], cfg.data.random_shift, aug_gen)
-        logits = model(images, context, batch.get("proprio"), batch["mask"])
-        targets = action_tok.tokenize(batch["action"])
-        loss, acc = sequence_loss(logits, targets, batch["mask"], cfg.train.label_sigma)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        samples += int(batch["mask"].sum())
-        loss_v, acc_v = float(loss.detach()), float(acc.mean())
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps - 1:
-            elapsed = time.perf_counter() - start
-            tb.add_scalar("train/loss", loss_v, step)
-            tb.add_scalar("train/token_accuracy", acc_v, step)
-            for i, name in enumerate(action_tok.names):
-                tb.add_scalar(f"token_accuracy/{name}", float(acc[i]), step)
-            tb.add_scalar("train/lr", sched.get_last_lr()[0], step)
-            tb.add_scalar("train/grad_norm", float(grad_norm), step)
-            tb.add_scalar("perf/samples_per_second", samples / elapsed, step)
-            tb.add_scalar("perf/data_wait_fraction", wait_s / elapsed, step)
-            bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}")
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < cfg.train.steps:
-            save()
-    policy_path = save()
-    tb.close()
-    seconds = time.perf_counter() - start
-    result = TrainResult(str(out_dir), str(policy_path), cfg.train.steps, loss_v, acc_v, seconds, samples / seconds)
-    (out_dir / "train_result.json").write_text(json.dumps(result.to_json(), indent=2))
-    return result
+        micro = [next(self._batches) for _ in range(self.cfg.train.grad_accum)]
+        wait = time.perf_counter() - t0
+        stats = self.opt.step(micro, self._loss, self.step)
+        self.step += 1
+        self.samples += stats.samples
+        return stats, wait
+
+    # -- evaluation in the loop ------------------------------------------------------------------------
+    def evaluate_now(self, tb) -> dict:
+        from rollout.evaluate import evaluate
+
+        rng = ckpt.capture_rng()
+        threads = torch.get_num_threads()
+        policy = self._write_policy(self.out_dir / "policy")
+        try:
+            res = evaluate(policy, None, None, self.cfg.train.eval_episodes, seed=0,
+                           video_dir=self.out_dir / "eval" / f"step-{self.step:08d}",
+                           videos_per_task=self.cfg.train.eval_videos, progress=False)
+        finally:
+            torch.set_num_threads(threads)
+            ckpt.restore_rng(rng)
+        out = res.to_json()
+        tb.add_scalar("eval/success_rate", out["mean_success"], self.step)
+        for task, r in out["per_task"].items():
+            tb.add_scalar(f"eval/success_{task}", r["success_rate"], self.step)
+        if out["videos"]:
+            tb.add_text("eval/videos", "\n\n".join(out["videos"]), self.step)
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        tb = None
+        if self.info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = SummaryWriter(str(self.out_dir / "tb"))
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", unit="step",
+                   disable=not (self.progress and self.info.is_main))
+        start = time.perf_counter()
+        wait_s, samples0 = 0.0, self.samples
+        loss_v, acc_v, last_eval = float("nan"), float("nan"), {}
+        try:
+            while self.step < t.steps:
+                stats, wait = self.train_step()
+                wait_s += wait
+                bar.update(1)
+                step = self.step - 1
+                if not stats.skipped:
+                    loss_v, acc_v = stats.loss, float(stats.accuracy.mean())
+                if step % t.log_every == 0 or self.step == t.steps:
+                    acc = mean_over_ranks(stats.accuracy, self.info).cpu()
+                    if tb is not None:
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        tb.add_scalar("train/loss", stats.loss, step)
+                        tb.add_scalar("train/token_accuracy", float(acc.mean()), step)
+                        for i, name in enumerate(self.action_tok.names):
+                            tb.add_scalar(f"token_accuracy/{name}", float(acc[i]), step)
+                        tb.add_scalar("train/lr", self.scheduler.get_last_lr()[0], step)
+                        tb.add_scalar("train/grad_norm", stats.grad_norm, step)
+                        tb.add_scalar("train/skipped_steps", self.opt.skipped_total, step)
+                        tb.add_scalar("perf/samples_per_second",
+                                      (self.samples - samples0) * self.info.world_size / elapsed, step)
+                        tb.add_scalar("perf/data_wait_fraction", wait_s / elapsed, step)
+                    bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}", skipped=self.opt.skipped_total)
+                if self.step == t.steps or (t.save_every and self.step % t.save_every == 0):
+                    self.save()
+                if t.eval_every and self.step % t.eval_every == 0:
+                    if self.info.is_main:
+                        last_eval = self.evaluate_now(tb)
+                    barrier(self.info)
+        finally:
+            bar.close()
+            if tb is not None:
+                tb.close()
+        seconds = time.perf_counter() - start
+        sps = (self.samples - samples0) * self.info.world_size / max(seconds, 1e-9)
+        result = TrainResult(str(self.out_dir), str(self.out_dir / "policy"), t.steps, loss_v, acc_v, seconds, sps,
+                             self.opt.skipped_total, self.resumed_from, self.info.world_size, last_eval)
+        if self.info.is_main:
+            (self.out_dir / "train_result.json").write_text(json.dumps(result.to_json(), indent=2))
+        return result
+
+
+def train(cfg: ExperimentConfig, data_path: str | Path | None, out_dir: str | Path, progress: bool = True,
+          resume: bool = False) -> TrainResult:
+    """Train (or with resume=True continue the run in out_dir from its newest checkpoint) to cfg.train.steps."""
+    trainer = Trainer(cfg, data_path, out_dir, progress=progress, resume=resume)
+    try:
+        return trainer.run()
+    finally:
+        shutdown(trainer.info)

@@ -1,0 +1,158 @@
+"""Training checkpoints: everything needed to continue a run exactly.
+
+    RUN_DIR/
+      run.json                      how the run was started (config, dataset path); `--resume` reads it
+      policy/                       the newest policy directory (what the step runner loads)
+      checkpoints/step-00000500/
+        policy/                     the policy directory at that step (EMA weights when train.ema_decay > 0)
+        train_state.pt              raw weights, optimizer, scheduler, step, RNG states, data position,
+                                    EMA weights, bad-step count (tensors and plain containers only:
+                                    loadable with torch.load(weights_only=True))
+
+A checkpoint is written into a hidden staging directory and renamed into place, so a process killed
+at any moment leaves either the previous set of checkpoints or the new one, never a half-written one.
+Only the newest `keep` checkpoints are kept.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+STATE_FILE = "train_state.pt"
+RUN_FILE = "run.json"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be resumed (names the path and what is wrong)."""
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / STATE_FILE).is_file():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any],
+                    write_policy: Callable[[Path], Any], keep: int) -> Path:
+    """Write checkpoints/step-N atomically (staging dir + rename), then drop all but the newest `keep`."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    staging = root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        write_policy(staging / "policy")
+        with open(staging / STATE_FILE, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # the same step saved again (e.g. a resumed run re-reaching it)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_stale_staging(run_dir: str | Path) -> None:
+    """Staging directories left by a process killed mid-write are garbage."""
+    root = checkpoints_dir(run_dir)
+    if root.is_dir():
+        for d in root.glob(".tmp-step-*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_train_state(ckpt: str | Path) -> dict[str, Any]:
+    path = Path(ckpt) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: could not be read: {exc}") from None
+
+
+# -- run metadata ------------------------------------------------------------------------------
+def write_run_meta(run_dir: str | Path, meta: dict[str, Any]) -> None:
+    path = Path(run_dir) / RUN_FILE
+    tmp = path.with_name(f".{RUN_FILE}.tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path)
+
+
+def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"--resume {str(run_dir)!r}: expected a run directory written by `train` "
+                              f"(with {RUN_FILE}), found none")
+    return json.loads(path.read_text())
+
+
+# -- random number generators --------------------------------------------------------------------
+def capture_rng(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every RNG that training draws from, as tensors and plain containers."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        from datasets.tf_setup import tf
+
+        state["tf"] = torch.from_numpy(tf.random.get_global_generator().state.numpy().astype(np.int64))
+    except Exception:  # noqa: BLE001  (TF missing or without a global generator: nothing to restore)
+        pass
+    return state
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_as_tuples(state["python"]))
+    for k, g in (generators or {}).items():
+        if k not in state["generators"]:
+            raise CheckpointError(f"checkpoint RNG states: expected a generator {k!r}, found {sorted(state['generators'])}")
+        g.set_state(state["generators"][k])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "tf" in state:
+        from datasets.tf_setup import tf
+
+        tf.random.get_global_generator().reset(state["tf"].numpy())
+
+
+def _as_tuples(x: Any) -> Any:
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
