@@ -61,6 +61,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
     overrides = list(a.overrides)
     if a.steps is not None:
         overrides.append(f"train.steps={a.steps}")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        a.json = None
     if a.resume:
         from policy.checkpoint import read_run_meta
         from policy.config import config_from_dict, validate_config
@@ -80,8 +82,9 @@ def cmd_train(a: argparse.Namespace) -> dict:
             raise ValueError("train: expected --data and --out (or --resume RUN_DIR)")
         cfg = load_config(a.config, overrides)
         res = train(cfg, a.data, a.out)
-    print(f"trained {res.steps} steps in {res.seconds:.0f}s: loss {res.final_loss:.3f}, "
-          f"token accuracy {res.final_token_accuracy:.3f}, {res.skipped_steps} skipped; policy at {res.policy_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {res.steps} steps in {res.seconds:.0f}s: loss {res.final_loss:.3f}, token accuracy "
+              f"{res.final_token_accuracy:.3f}, {res.skipped_steps} skipped; policy at {res.policy_dir}")
     return res.to_json()
 
 

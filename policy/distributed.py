@@ -72,10 +72,17 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel when world size > 1 (it broadcasts rank 0's weights at construction)."""
     if not info.enabled:
         return model
+    import warnings
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # Depthwise conv weights' gradients come in a different memory layout than DDP's buckets: a copy, no error.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=True)
+    # Some configs own parameters a step does not use (e.g. the TTM's memory write after the last step of a
+    # 1-frame window): DDP must look for them or it waits forever for their gradients.
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
@@ -93,6 +100,21 @@ def mean_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     t = values.detach().clone().to(info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / info.world_size
+
+
+@torch.no_grad()
+def sync_buffers(model: torch.nn.Module, info: DistInfo) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks, broadcast the rest from
+    rank 0. DDP hands rank 0's buffers to every rank before each forward, but each rank's last forward
+    updates its own; syncing before a checkpoint makes every rank hold the same, saved, state."""
+    if not info.enabled:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(info.world_size)
+        else:
+            dist.broadcast(buf, src=0)
 
 
 def barrier(info: DistInfo) -> None:

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from policy import checkpoint as ckpt
 from policy.action_tokenizer import ActionTokenizer, action_tokenizer_from_dict
 from policy.config import ConfigError, ExperimentConfig, config_to_dict
-from policy.distributed import DistInfo, barrier, init_distributed, mean_over_ranks, shutdown, wrap_model
+from policy.distributed import (DistInfo, barrier, init_distributed, mean_over_ranks, shutdown, sync_buffers,
+                                wrap_model)
 from policy.language import TextTokenizer, train_sentencepiece
 from policy.policy_dir import InputSpec, save_policy_dir
 from policy.train_step import EMA, Optimization, StepStats, TrainingError
@@ -437,7 +438,8 @@ class Trainer:
                                       "ema_decay": self.cfg.train.ema_decay})
 
     def save(self) -> Path:
-        """Checkpoint + RUN_DIR/policy (rank 0 only; call on every rank)."""
+        """Checkpoint + RUN_DIR/policy (rank 0 writes; call on every rank)."""
+        sync_buffers(self.model, self.info)
         if self.info.is_main:
             ckpt.save_checkpoint(self.out_dir, self.step, self._state(), self._write_policy,
                                  self.cfg.train.keep_checkpoints)

@@ -90,6 +90,8 @@ class Optimization:
         counts = [float(b["mask"].sum()) for b in micro_batches]
         total = max(sum(counts), 1.0)
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        # A skipped step must leave no trace: its forward passes updated BatchNorm statistics (maybe with NaN).
+        buffers = [b.detach().clone() for b in self.raw_model.buffers()]
         self.optimizer.zero_grad(set_to_none=True)
         fwd = bwd = 0.0
         loss_sum, acc_sum = 0.0, None
@@ -116,6 +118,9 @@ class Optimization:
                             and loss_sum == loss_sum), self.info)
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in zip(self.raw_model.buffers(), buffers):
+                    b.copy_(saved)
             self.bad_in_a_row += 1
             self.skipped_total += 1
             if self.bad_in_a_row >= self.max_bad_steps:

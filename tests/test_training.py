@@ -1,0 +1,250 @@
+"""Training on real components: a tiny tabletop RLDS dataset on disk, the quickstart config made small.
+
+Exact resume after SIGKILL, 2-process gloo torchrun, gradient accumulation, the NaN/Inf guard, EMA,
+fine-tuning's explicit tokenizer / action bounds, bad inputs before the first step, bench train."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT
+
+CONFIG = ROOT / "configs" / "quickstart.yaml"
+TINY = ["train.batch_size=4", "train.log_every=1", "train.save_every=0", "model.controller.layers=1",
+        "train.warmup_steps=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": "egl", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    from datasets.collect import collect
+
+    root = tmp_path_factory.mktemp("train-data")
+    return str(collect("tabletop", ["reach", "lift"], 2, root / "data", workers=1, progress=False).path)
+
+
+def cfg_of(*overrides: str):
+    from policy.config import load_config
+
+    return load_config(CONFIG, TINY + list(overrides))
+
+
+def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    state = torch.load(Path(run_dir) / "checkpoints" / f"step-{step:08d}" / "train_state.pt", weights_only=True)
+    return state["model"]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+# A real process that dies by SIGKILL right after its first checkpoint is on disk.
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {root!r})
+    import policy.checkpoint as ckpt
+    save = ckpt.save_checkpoint
+    def save_then_die(*args, **kwargs):
+        path = save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.save_checkpoint = save_then_die
+    import run_policy
+    sys.exit(run_policy.main(sys.argv[1:]))
+""")
+
+
+def test_resume_after_sigkill_gives_identical_weights(tiny_data, tmp_path):
+    from policy.train import train
+
+    n, overrides = 6, ["train.ema_decay=0.5", "data.random_shift=2", "train.keep_checkpoints=2"]
+    straight = train(cfg_of(f"train.steps={n}", *overrides), tiny_data, tmp_path / "straight", progress=False)
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RUN.format(root=str(ROOT)))
+    run = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, str(script), "train", "--config", str(CONFIG), "--data", tiny_data,
+                           "--out", str(run), "--steps", str(n), *TINY, f"train.save_every={n // 2}", *overrides],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [f"step-{n // 2:08d}"]
+
+    proc = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "train", "--resume", str(run),
+                           "--json", str(tmp_path / "resumed.json")], env=ENV, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "resumed.json").read_text())["resumed_from_step"] == n // 2
+    assert_same(weights(tmp_path / "straight", n), weights(run, n))
+    assert_same(load_file(str(Path(straight.policy_dir) / "model.safetensors")),
+                load_file(str(run / "policy" / "model.safetensors")))  # the EMA weights too
+    # keep_checkpoints=2: step 3 and step 6 remain; nothing half-written is left behind
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-{n // 2:08d}", f"step-{n:08d}"]
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {root!r})
+    import torch
+    from policy.config import load_config
+    from policy.train import Trainer
+    from policy.distributed import shutdown
+    cfg = load_config({config!r}, {overrides!r})
+    trainer = Trainer(cfg, {data!r}, {out!r}, progress=False)
+    res = trainer.run()
+    rank = trainer.info.rank
+    first = next(trainer.inputs.batches(0))
+    torch.save({{"model": trainer.model.state_dict(), "world": trainer.info.world_size,
+                "first_actions": first["action"]}}, os.path.join({out!r}, f"rank{{rank}}.pt"))
+    shutdown(trainer.info)
+""")
+
+
+def test_two_process_gloo_torchrun_ends_with_identical_weights(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    out.mkdir()
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), config=str(CONFIG), data=tiny_data, out=str(out),
+                                        overrides=TINY + ["train.steps=3"]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           str(script)], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert_same(r0["model"], r1["model"])
+    assert not torch.equal(r0["first_actions"], r1["first_actions"])  # each rank reads its own shard
+    assert (out / "policy" / "model.safetensors").is_file()
+
+
+def test_gradient_accumulation_equals_the_bigger_batch(tiny_data, tmp_path):
+    from policy.train import Trainer
+
+    # A LayerNorm backbone: BatchNorm statistics would (rightly) differ between micro-batches and one batch.
+    common = ["train.steps=2", "model.image.backbone=vit", "train.seed=3"]
+    states = []
+    for accum in (1, 2):
+        t = Trainer(cfg_of(*common, f"train.grad_accum={accum}"), tiny_data, tmp_path / f"a{accum}", progress=False)
+        for _ in range(2):
+            t.train_step()
+        states.append(t.model.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_non_finite_loss_is_skipped_counted_then_stops(tiny_data, tmp_path, monkeypatch):
+    from policy.train import Trainer, TrainingError
+
+    t = Trainer(cfg_of("train.steps=6", "train.max_bad_steps=3"), tiny_data, tmp_path / "nan", progress=False)
+    real = t._loss
+    poison = {"on": False}
+
+    def loss(batch):
+        value, acc, n = real(batch)
+        return (value * float("nan") if poison["on"] else value), acc, n
+
+    monkeypatch.setattr(t, "_loss", loss)
+    t.train_step()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    poison["on"] = True
+    stats, _ = t.train_step()
+    assert stats.skipped and t.opt.skipped_total == 1
+    assert_same(before, t.model.state_dict())  # no update
+    poison["on"] = False
+    stats, _ = t.train_step()
+    assert not stats.skipped and np.isfinite(stats.loss) and t.opt.bad_in_a_row == 0
+    poison["on"] = True
+    t.train_step()
+    t.train_step()
+    with pytest.raises(TrainingError, match=r"NaN/Inf for 3 steps in a row \(train.max_bad_steps = 3\); 4 steps skipped"):
+        t.train_step()
+
+
+def test_ema_weights_are_what_the_policy_saves(tiny_data, tmp_path):
+    from policy.train import Trainer
+
+    t = Trainer(cfg_of("train.steps=3", "train.ema_decay=0.9"), tiny_data, tmp_path / "ema", progress=False)
+    res = t.run()
+    saved = load_file(str(Path(res.policy_dir) / "model.safetensors"))
+    raw = t.model.state_dict()
+    assert_same(saved, {k: v for k, v in t.ema.shadow.items()})
+    assert any(not torch.equal(saved[k], raw[k]) for k in saved if k.startswith("controller."))
+    assert json.loads((Path(res.policy_dir) / "policy.json").read_text())["ema_decay"] == 0.9
+
+
+def test_fine_tune_reuses_tokenizer_and_action_bounds_explicitly(tiny_data, tmp_path):
+    from policy.config import ConfigError
+    from policy.train import train
+
+    src = train(cfg_of("train.steps=1", "data.action_bounds=spec", "data.action_low=[-2,-2,-2,-2,-2]",
+                       "data.action_high=[2,2,2,2,2]"), tiny_data, tmp_path / "src", progress=False)
+    ft = train(cfg_of("train.steps=1", f"train.init_from={src.policy_dir}", "train.init_tokenizer=true",
+                      "train.init_action_bounds=true", "train.init_modules=[backbone,token_learner,image_pos,text]"),
+               tiny_data, tmp_path / "ft", progress=False)
+    s, f = Path(src.policy_dir), Path(ft.policy_dir)
+    assert (s / "tokenizer.model").read_bytes() == (f / "tokenizer.model").read_bytes()
+    tok = json.loads((f / "action_stats.json").read_text())["tokenizer"]
+    assert tok["low"] == [-2.0] * 5 and tok == json.loads((s / "action_stats.json").read_text())["tokenizer"]
+    with pytest.raises(ConfigError, match="train.init_tokenizer / train.init_action_bounds: expected train.init_from"):
+        train(cfg_of("train.init_tokenizer=true"), tiny_data, tmp_path / "x", progress=False)
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["data.camera=observation/wrist"], r"camera key 'observation/wrist': not in the dataset's steps"),
+    (["model.image.image_size=96"], r"model.image.image_size: expected <= the dataset's frame size \(64x64"),
+    (["data.action_bounds=spec", "data.action_low=[0,0,0]", "data.action_high=[1,1,1]"],
+     r"data.action_low: expected 5 values \(the dataset's action size\), got 3"),
+    (["train.batch_size=6", "train.grad_accum=4"], r"train.batch_size: expected a multiple of train.grad_accum"),
+])
+def test_config_that_does_not_fit_the_dataset_fails_before_training(tiny_data, tmp_path, overrides, error):
+    from policy.train import train
+
+    with pytest.raises(ValueError, match=error):
+        train(cfg_of("train.steps=1", *overrides), tiny_data, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "tb").exists()  # no step was taken
+
+
+def test_unwritable_or_full_output_fails_before_training(tiny_data, tmp_path, monkeypatch):
+    from policy.train import train
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match=r"--out '.*a-file/run': expected a writable directory"):
+        train(cfg_of("train.steps=1"), tiny_data, blocker / "run", progress=False)
+
+    import policy.train as tr
+
+    monkeypatch.setattr(tr.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    with pytest.raises(OSError, match=r"expected at least \d+ MiB free, the disk has 1 MiB"):
+        train(cfg_of("train.steps=1"), tiny_data, tmp_path / "full", progress=False)
+    assert not (tmp_path / "full" / "tb").exists()
+
+
+def test_bench_train_reports_the_step_split(tiny_data):
+    from rollout.bench_train import bench_train
+
+    out = bench_train(str(CONFIG), tiny_data, 2, overrides=TINY, warmup=1)
+    split = out["seconds_per_step"]
+    assert out["samples_per_second"] > 0 and out["device"] == "cpu" and out["peak_memory"]["bytes"] > 0
+    assert set(split) == {"total", "data_wait", "forward", "backward", "optimizer"}
+    assert split["forward"] > 0 and split["backward"] > 0
+    assert split["data_wait"] + split["forward"] + split["backward"] + split["optimizer"] <= split["total"] * 1.5
+
+
+@pytest.mark.slow
+def test_evaluation_in_the_loop_logs_success_and_writes_videos(tiny_data, tmp_path):
+    from policy.train import train
+
+    res = train(cfg_of("train.steps=2", "train.eval_every=2", "train.eval_episodes=1"), tiny_data, tmp_path / "run",
+                progress=False)
+    assert set(res.eval["per_task"]) == {"reach", "lift"} and 0.0 <= res.eval["mean_success"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "run" / "eval" / "step-00000002").iterdir()) == \
+        ["lift_000.mp4", "reach_000.mp4"]
