@@ -380,6 +380,7 @@ class Trainer:
                                    if k in data.sidecar})
         self.step = 0
         self.samples = 0
+        self.last_loss = self.last_accuracy = float("nan")  # of the last step that was not skipped
         self.resumed_from = 0
         if resume:
             self._resume()
@@ -402,7 +403,7 @@ class Trainer:
                 "rng": ckpt.capture_rng({"augment": self.aug_gen}),
                 "data_position": self.step * self.cfg.train.grad_accum, "world_size": self.info.world_size,
                 "bad_in_a_row": self.opt.bad_in_a_row, "skipped_total": self.opt.skipped_total,
-                "samples": self.samples}
+                "samples": self.samples, "last_loss": self.last_loss, "last_accuracy": self.last_accuracy}
 
     def _resume(self) -> None:
         ckpt.remove_stale_staging(self.out_dir)
@@ -427,6 +428,7 @@ class Trainer:
         self.step = self.resumed_from = int(state["step"])
         self.opt.bad_in_a_row, self.opt.skipped_total = int(state["bad_in_a_row"]), int(state["skipped_total"])
         self.samples = int(state["samples"])
+        self.last_loss, self.last_accuracy = float(state["last_loss"]), float(state["last_accuracy"])
 
     def _write_policy(self, path: Path) -> Path:
         model = self.model
@@ -509,7 +511,7 @@ class Trainer:
                    disable=not (self.progress and self.info.is_main))
         start = time.perf_counter()
         wait_s, samples0 = 0.0, self.samples
-        loss_v, acc_v, last_eval = float("nan"), float("nan"), {}
+        last_eval: dict = {}
         try:
             while self.step < t.steps:
                 stats, wait = self.train_step()
@@ -517,7 +519,7 @@ class Trainer:
                 bar.update(1)
                 step = self.step - 1
                 if not stats.skipped:
-                    loss_v, acc_v = stats.loss, float(stats.accuracy.mean())
+                    self.last_loss, self.last_accuracy = stats.loss, float(stats.accuracy.mean())
                 if step % t.log_every == 0 or self.step == t.steps:
                     acc = mean_over_ranks(stats.accuracy, self.info).cpu()
                     if tb is not None:
@@ -532,7 +534,8 @@ class Trainer:
                         tb.add_scalar("perf/samples_per_second",
                                       (self.samples - samples0) * self.info.world_size / elapsed, step)
                         tb.add_scalar("perf/data_wait_fraction", wait_s / elapsed, step)
-                    bar.set_postfix(loss=f"{loss_v:.3f}", acc=f"{acc_v:.3f}", skipped=self.opt.skipped_total)
+                    bar.set_postfix(loss=f"{self.last_loss:.3f}", acc=f"{self.last_accuracy:.3f}",
+                                    skipped=self.opt.skipped_total)
                 if self.step == t.steps or (t.save_every and self.step % t.save_every == 0):
                     self.save()
                 if t.eval_every and self.step % t.eval_every == 0:
@@ -545,7 +548,8 @@ class Trainer:
                 tb.close()
         seconds = time.perf_counter() - start
         sps = (self.samples - samples0) * self.info.world_size / max(seconds, 1e-9)
-        result = TrainResult(str(self.out_dir), str(self.out_dir / "policy"), t.steps, loss_v, acc_v, seconds, sps,
+        result = TrainResult(str(self.out_dir), str(self.out_dir / "policy"), t.steps, self.last_loss, self.last_accuracy,
+                             seconds, sps,
                              self.opt.skipped_total, self.resumed_from, self.info.world_size, last_eval)
         if self.info.is_main:
             (self.out_dir / "train_result.json").write_text(json.dumps(result.to_json(), indent=2))
