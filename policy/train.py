@@ -194,7 +194,9 @@ def _build_data(cfg: ExperimentConfig, data_path: str | Path, rank: int, world_s
     from datasets.rlds_loader import DataKeys, RLDSDataset, SequenceSpec, TorchBatches, make_sequences
     from datasets.tf_setup import tf
 
-    tf.random.set_seed(seed)  # tfds file shuffling draws from TF's global seed
+    # tfds file shuffling draws from TF's global seed; the same seed on every rank gives every rank the
+    # same episode order, so that .shard(world_size, rank) splits it into disjoint shards.
+    tf.random.set_seed(seed)
     keys = DataKeys(camera=cfg.data.camera, proprio=cfg.data.proprio_key if cfg.model.use_proprio else None,
                     instruction=cfg.data.instruction_key)
     data = RLDSDataset(data_path, keys)
