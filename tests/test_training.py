@@ -110,11 +110,13 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 def test_two_process_gloo_torchrun_ends_with_identical_weights(tiny_data, tmp_path):
+    # Global batch 8 = 2 ranks x 2 accumulated micro-batches x 2 (DDP's no_sync path included).
     out = tmp_path / "ddp"
     out.mkdir()
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), config=str(CONFIG), data=tiny_data, out=str(out),
-                                        overrides=TINY + ["train.steps=3"]))
+                                        overrides=TINY + ["train.steps=3", "train.batch_size=8",
+                                                                    "train.grad_accum=2"]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            str(script)], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
