@@ -71,9 +71,10 @@ def cmd_train(a: argparse.Namespace) -> dict:
 def cmd_eval(a: argparse.Namespace) -> dict:
     from rollout.evaluate import evaluate
 
-    tasks = parse_tasks(a.env, a.tasks) if a.tasks else None
+    tasks = parse_tasks(a.env or "tabletop", a.tasks) if a.tasks else None
     res = evaluate(a.policy, a.env, tasks, a.episodes_per_task, seed=a.seed, video_dir=a.video_dir,
-                   videos_per_task=a.videos_per_task)
+                   videos_per_task=a.videos_per_task, workers=a.workers, chart=a.chart,
+                   memory_figure=a.memory_figure)
     print(res.table())
     return res.to_json()
 
@@ -182,12 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="roll out a policy directory in simulation")
     e.add_argument("--policy", required=True)
-    e.add_argument("--env", default="tabletop")
+    e.add_argument("--env", default=None, help="default: the env the policy was trained on")
     e.add_argument("--tasks", default=None, help="default: the tasks the policy was trained on")
+    e.add_argument("--workers", type=int, default=1, help="worker processes (spawned; one runner and 1 torch thread each)")
+    e.add_argument("--chart", default=None, metavar="PNG", help="write a bar chart of success per task")
+    e.add_argument("--memory-figure", default=None, metavar="PNG",
+                   help="TTM policies: write the memory's read and write weights over the first episode")
     e.add_argument("--episodes-per-task", type=int, default=20)
     e.add_argument("--seed", type=int, default=0, help="evaluation seed block (always disjoint from demonstrations)")
     e.add_argument("--video-dir", default=None)
-    e.add_argument("--videos-per-task", type=int, default=1)
+    e.add_argument("--videos-per-task", type=int, default=1, help="videos written per task (with --video-dir)")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="offline CPU demo: collect -> train -> eval on the tabletop suite")
