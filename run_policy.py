@@ -139,6 +139,16 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     return res
 
 
+def cmd_serve(a: argparse.Namespace) -> dict:
+    from rollout.server import ServerConfig, serve_forever
+
+    token = a.token or os.environ.get("POLICY_SERVER_TOKEN") or None
+    cfg = ServerConfig(host=a.host, port=a.port, token=token, max_message_bytes=a.max_message_bytes,
+                       rate_hz=a.rate_limit, burst=a.burst, max_sessions=a.max_sessions)
+    serve_forever(a.policy, cfg, threads=a.threads, device=a.device)
+    return {"served": a.policy}
+
+
 def cmd_inspect(a: argparse.Namespace) -> dict:
     from datasets.rlds_loader import DataKeys, RLDSDataset
 
@@ -239,6 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench backbone: ViTTM memory patch = plain ViT patch (default image_size / 14)")
     b.set_defaults(fn=cmd_bench)
 
+    s = sub.add_parser("serve", help="serve a policy over websockets (msgpack; rollout/protocol.py) to robot computers")
+    s.add_argument("--policy", required=True)
+    s.add_argument("--host", default="127.0.0.1", help="bind address; anything beyond loopback needs --token")
+    s.add_argument("--port", type=int, default=8765, help="0 = any free port (printed)")
+    s.add_argument("--token", default=None, help="auth token clients must send (default: $POLICY_SERVER_TOKEN)")
+    s.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    s.add_argument("--rate-limit", type=float, default=200.0, help="messages per second per session (sustained)")
+    s.add_argument("--burst", type=int, default=50, help="messages per session above the sustained rate")
+    s.add_argument("--max-sessions", type=int, default=16)
+    s.add_argument("--threads", type=int, default=1, help="torch threads")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_serve)
+
     i = sub.add_parser("inspect-data", help="print an RLDS dataset's schema, counts, instructions and action statistics")
     i.add_argument("data")
     i.add_argument("--split", default="train")
@@ -247,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--instruction", default="observation/instruction")
     i.set_defaults(fn=cmd_inspect)
 
-    for sp in (c, t, e, d, b, i):
+    for sp in (c, t, e, d, b, s, i):
         sp.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     return p
 
