@@ -59,7 +59,7 @@ class PolicyClient:
 
     def step(self, observation: Mapping[str, Any]) -> np.ndarray:
         """Send one observation (arrays; strings such as the instruction are passed along) -> flat action."""
-        obs = {k: v if isinstance(v, str) else np.asarray(v) for k, v in observation.items()}
+        obs = {k: _wire_value(v) for k, v in observation.items()}
         reply = self._call({"type": "step", "id": self._next_id(), "observation": obs}, "action")
         self.steps = int(reply.get("step", self.steps + 1))
         self.last_policy_ms = float(reply.get("policy_ms", float("nan")))
@@ -80,3 +80,11 @@ class PolicyClient:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _wire_value(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray) and v.dtype == object and v.ndim == 0:  # a dm_env StringArray entry
+        return str(v.item())
+    return v if isinstance(v, str) else np.asarray(v)
