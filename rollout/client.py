@@ -24,7 +24,8 @@ class PolicyClient:
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ValueError(f"url: expected ws://HOST:PORT or wss://HOST:PORT, got {url!r}")
         self.url, self.timeout = url, timeout
-        self._ws = connect(url, compression=None, max_size=max_message_bytes, open_timeout=timeout)
+        # Entered here and closed in close(): this client is the context manager (websockets 17 API).
+        self._ws = connect(url, compression=None, max_size=max_message_bytes, open_timeout=timeout).__enter__()
         self._id = 0
         try:
             ready = self._call({"type": "hello", "version": P.PROTOCOL_VERSION, "token": token}, "ready")
