@@ -6,6 +6,7 @@ workers. Evaluation seeds start at datasets.collect.EVAL_SEED_BASE, disjoint fro
 """
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ class EpisodeRecord:
     success: bool
     length: int
     return_: float
+    action_digest: str  # hash of the episode's actions: equal digests = the same rollout
     video: str | None = None
 
 
@@ -204,14 +206,17 @@ def run_episode(job: EpisodeJob) -> EpisodeRecord:
     cam = runner.spec.camera_key
     frames = [ts.observation[cam]] if job.video_path else []
     total = 0.0
+    digest = hashlib.blake2b(digest_size=8)
     while not ts.last():
-        ts = env.step(runner.step(ts.observation))
+        action = runner.step(ts.observation)
+        digest.update(action.tobytes())
+        ts = env.step(action)
         total += float(ts.reward or 0.0)
         if job.video_path:
             frames.append(ts.observation[cam])
     video = write_video(Path(job.video_path), frames) if job.video_path else None
     return EpisodeRecord(job.task, job.episode, job.seed, str(env.instruction), bool(env.success), int(env.step_count),
-                         total, video)
+                         total, digest.hexdigest(), video)
 
 
 def memory_trace(policy_dir: str | Path, env_name: str, task: str, seed: int, image_size: int, camera: str,
