@@ -116,6 +116,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 def cmd_bench(a: argparse.Namespace) -> dict:
     from rollout.bench import bench_env, bench_step
 
+    if isinstance(a.image_size, str) and a.what != "serve":
+        raise ValueError(f"--image-size: expected one integer for bench {a.what}, got {a.image_size!r}")
     if a.what == "backbone":
         from rollout.bench_backbone import bench_backbone
 
@@ -133,6 +135,11 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 
         res = bench_step_latency(a.config, tuple(a.controllers.split(",")), tuple(int(s) for s in a.at.split(",")),
                                  samples=a.samples, threads=a.threads, overrides=a.overrides, plot=a.plot)
+    elif a.what == "serve":
+        from rollout.bench_serve import bench_serve, parse_image_size
+
+        size = f"{a.image_size}x{a.image_size}" if isinstance(a.image_size, int) else a.image_size
+        res = bench_serve(a.policy, a.clients, a.rate, parse_image_size(size), a.steps or 100, threads=a.serve_threads)
     else:
         res = bench_env(a.env, a.steps or 200, a.image_size or 64)
     print(json.dumps(res, indent=2))
@@ -144,7 +151,7 @@ def cmd_serve(a: argparse.Namespace) -> dict:
 
     token = a.token or os.environ.get("POLICY_SERVER_TOKEN") or None
     cfg = ServerConfig(host=a.host, port=a.port, token=token, max_message_bytes=a.max_message_bytes,
-                       rate_hz=a.rate_limit, burst=a.burst, max_sessions=a.max_sessions)
+                       rate_hz=a.rate_limit, burst=a.burst, max_sessions=a.max_sessions, model_thread=a.model_thread)
     serve_forever(a.policy, cfg, threads=a.threads, device=a.device)
     return {"served": a.policy}
 
@@ -162,6 +169,11 @@ def cmd_inspect(a: argparse.Namespace) -> dict:
     print(out.pop("features"))
     print(json.dumps(out, indent=2))
     return out
+
+
+def _image_size_arg(text: str) -> int | str:
+    """N, or HxW (bench serve)."""
+    return int(text) if text.strip().isdigit() else text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,8 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "'backbone' (image backbone latency and FLOPs: efficientnet-b3, vittm, vit) or "
                                      "'model' (a config's parameters per component, tokens per frame, FLOPs per "
                                      "policy step, stepwise-vs-unrolled difference) or 'step-latency' (per-step "
-                                     "latency at episode steps 1..1000 for every controller, side by side)")
-    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency"])
+                                     "latency at episode steps 1..1000 for every controller, side by side) or "
+                                     "'serve' (policy server round trips over loopback vs in-process, K clients at a "
+                                     "rate: missed deadlines)")
+    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency", "serve"])
     b.add_argument("--policy", default=None, help="policy directory (bench step)")
     b.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="config for a freshly initialised policy (bench step, bench model)")
@@ -239,9 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=30,
                    help="bench step-latency: timed calls of each step t (from the saved state after step t-1)")
     b.add_argument("--plot", default=None, metavar="PNG", help="bench step-latency: write a latency-vs-step plot")
+    b.add_argument("--clients", type=int, default=4, help="bench serve: concurrent robot sessions")
+    b.add_argument("--rate", type=float, default=10.0, help="bench serve: control rate per client (Hz)")
+    b.add_argument("--serve-threads", type=int, default=1, help="bench serve: torch threads (server and in-process)")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--env", default="tabletop")
-    b.add_argument("--image-size", type=int, default=None, help="default 64 (bench env), 224 (bench backbone)")
+    b.add_argument("--image-size", type=_image_size_arg, default=None,
+                   help="default 64 (bench env), 224 (bench backbone); bench serve: HxW (default 256x320)")
     b.add_argument("--vit-size", default="s", help="bench backbone: ViTTM / ViT size preset (tiny, s, b)")
     b.add_argument("--process-patch", type=int, default=None,
                    help="bench backbone: ViTTM process patch (default image_size / 8)")
@@ -258,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rate-limit", type=float, default=200.0, help="messages per second per session (sustained)")
     s.add_argument("--burst", type=int, default=50, help="messages per session above the sustained rate")
     s.add_argument("--max-sessions", type=int, default=16)
+    s.add_argument("--model-thread", action="store_true",
+                   help="run model calls on a worker thread (the loop stays responsive during long steps)")
     s.add_argument("--threads", type=int, default=1, help="torch threads")
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_serve)

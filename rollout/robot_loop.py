@@ -6,8 +6,9 @@ dm_env.Environment (the interface a robot driver implements; docs/ROBOT.md) at a
 - watchdog: the policy runs in a worker thread and must answer within `deadline_s` of the tick; if it
   is late the hold action is sent and a "late" event logged. A late answer is discarded (it was computed
   for an old observation); the next tick asks again with the fresh observation.
-- a policy exception sends the hold action and stops the loop; `stop()` (any thread) or the stop hook
-  stop it after the current step.
+- after `max_consecutive_late` late steps in a row (the policy hangs or the link is down) the loop
+  stops, the last action sent being the hold action; a policy exception holds and stops at once.
+  `stop()` (any thread) or the stop hook stop it after the current step.
 - a per-step log: policy latency, what was sent (policy or hold), events, tick overruns.
 """
 from __future__ import annotations
@@ -71,7 +72,7 @@ class StepRecord:
 @dataclass
 class LoopResult:
     steps: int
-    stop_reason: str  # "episode_end" | "max_steps" | "stop" | "stop_hook" | "policy_error: ..."
+    stop_reason: str  # "episode_end" | "max_steps" | "stop" | "stop_hook" | "watchdog: ..." | "policy_error: ..."
     total_reward: float
     records: list[StepRecord]
     events: list[dict]
@@ -115,7 +116,7 @@ class RobotLoop:
     def __init__(self, env: dm_env.Environment, policy: StepPolicy, rate_hz: float = 10.0,
                  deadline_s: float | None = None, hold_action: HoldAction | np.ndarray | None = None,
                  stop_hook: Callable[[StepRecord, dm_env.TimeStep], bool] | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 max_consecutive_late: int | None = 10, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         if not isinstance(env, dm_env.Environment):
             raise TypeError(f"env: expected a dm_env.Environment, got {type(env).__name__}")
         if not (isinstance(rate_hz, (int, float)) and 0 < rate_hz <= 1000):
@@ -137,6 +138,9 @@ class RobotLoop:
             if fixed.shape != tuple(self.spec.shape):
                 raise ValueError(f"hold_action: expected shape {tuple(self.spec.shape)}, got {fixed.shape}")
             self._hold = lambda last: fixed
+        if max_consecutive_late is not None and (not isinstance(max_consecutive_late, int) or max_consecutive_late < 1):
+            raise ValueError(f"max_consecutive_late: expected an integer >= 1 or None, got {max_consecutive_late!r}")
+        self.max_consecutive_late = max_consecutive_late
         self.stop_hook = stop_hook
         self.clock, self.sleep = clock, sleep
         self._stop = threading.Event()
@@ -192,6 +196,7 @@ class RobotLoop:
         pending: Future | None = None
         pending_t = 0.0
         reward, reason = 0.0, "max_steps"
+        late_run = 0
         t0 = self.clock()
         next_tick = t0
         k = 0
@@ -233,7 +238,13 @@ class RobotLoop:
                 events.append({"step": k, "event": e})
                 log.warning("step %d: %s", k, e)
             k += 1
+            late_run = late_run + 1 if source == "hold" else 0
             if reason.startswith("policy_error"):
+                break
+            if self.max_consecutive_late is not None and late_run >= self.max_consecutive_late:
+                reason = f"watchdog: {late_run} consecutive steps without a timely action"
+                events.append({"step": k - 1, "event": reason + "; stopped holding"})
+                log.error("step %d: %s; stopped", k - 1, reason)
                 break
             if ts.last():
                 reason = "episode_end"
