@@ -105,12 +105,13 @@ def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 1
                 c.reset("pick up the red block")
                 for _ in range(10):
                     c.step(obs)
-                rtt, server_ms = [], []
+                rtt, server_ms, server_cpu = [], [], []
                 for _ in range(steps):
                     t = time.perf_counter()
                     c.step(obs)
                     rtt.append(1000 * (time.perf_counter() - t))
                     server_ms.append(c.last_policy_ms)
+                    server_cpu.append(c.last_cpu_ms)
             transport = [r - s for r, s in zip(rtt, server_ms)]
             fleet = _fleet(url, obs, clients, rate, steps)
         finally:
@@ -127,6 +128,10 @@ def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 1
         "in_process_step_ms": local_p,
         "loopback_round_trip_ms": rtt_p,
         "server_step_ms": _pct(server_ms),
+        # CPU time per step is what a loaded machine does not inflate: K clients at R Hz need
+        # K * R * cpu_ms / 1000 of a core in the server, whatever else runs.
+        "server_step_cpu_ms": _pct(server_cpu),
+        "fleet_server_core_utilisation": round(clients * rate * float(np.median(server_cpu)) / 1000, 3),
         "overhead_ms": {"p50_round_trip_minus_in_process": round(rtt_p["p50"] - local_p["p50"], 3),
                         "transport_per_step": _pct(transport)},
         "fleet": fleet,

@@ -37,7 +37,8 @@ class PolicyClient:
         self.action_names: tuple[str, ...] = tuple(ready["action_names"])
         self.limits: dict = ready.get("limits", {})
         self.steps = 0
-        self.last_policy_ms = float("nan")
+        self.last_policy_ms = float("nan")  # the server's wall time for the last step
+        self.last_cpu_ms = float("nan")  # and its CPU time
 
     def _call(self, msg: dict, expect: str) -> dict:
         self._ws.send(P.pack(msg))
@@ -64,6 +65,7 @@ class PolicyClient:
         reply = self._call({"type": "step", "id": self._next_id(), "observation": obs}, "action")
         self.steps = int(reply.get("step", self.steps + 1))
         self.last_policy_ms = float(reply.get("policy_ms", float("nan")))
+        self.last_cpu_ms = float(reply.get("cpu_ms", float("nan")))
         return P.decode_array(reply["action"], "action.action").astype(np.float32)
 
     def step_named(self, observation: Mapping[str, Any]) -> dict[str, float]:

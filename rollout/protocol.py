@@ -11,7 +11,7 @@ client -> server                                        server -> client
   {"type": "reset", "id": int, "instruction": str,        {"type": "reset_ok", "id": int}
    "embedding": array|None}
   {"type": "step", "id": int, "observation": {key: array}} {"type": "action", "id": int, "action": array [A] float32,
-                                                           "step": int, "policy_ms": float}
+                                                           "step": int, "policy_ms": float, "cpu_ms": float}
   {"type": "close"}                                       (the server closes the connection)
   anything wrong                                          {"type": "error", "id": int|None, "code": str, "message": str}
 
