@@ -36,6 +36,7 @@ class PolicyClient:
         self.spec: dict = ready["spec"]
         self.action_names: tuple[str, ...] = tuple(ready["action_names"])
         self.limits: dict = ready.get("limits", {})
+        self._tokenizer_dict: dict = ready.get("action_tokenizer") or {}
         self.steps = 0
         self.last_policy_ms = float("nan")  # the server's wall time for the last step
         self.last_cpu_ms = float("nan")  # and its CPU time
@@ -68,8 +69,17 @@ class PolicyClient:
         self.last_cpu_ms = float(reply.get("cpu_ms", float("nan")))
         return P.decode_array(reply["action"], "action.action").astype(np.float32)
 
-    def step_named(self, observation: Mapping[str, Any]) -> dict[str, float]:
-        return {n: float(v) for n, v in zip(self.action_names, self.step(observation))}
+    def step_named(self, observation: Mapping[str, Any]) -> dict[str, Any]:
+        """As PolicyRunner.step_named: {name: float}, or the dict action of an Open X-Embodiment policy."""
+        return self.named(self.step(observation))
+
+    def named(self, action: np.ndarray) -> dict[str, Any]:
+        if self._tokenizer_dict.get("kind") == "dict":
+            from policy.action_tokenizer import DictActionTokenizer
+
+            tok = DictActionTokenizer.from_dict(self._tokenizer_dict)
+            return {k: v.numpy() for k, v in tok.unflatten(np.asarray(action, np.float32)).items()}
+        return {n: float(v) for n, v in zip(self.action_names, action)}
 
     def close(self) -> None:
         try:

@@ -7,6 +7,7 @@ of ALLOWED_DTYPES (little-endian numeric only, so no object arrays can be smuggl
 client -> server                                        server -> client
   {"type": "hello", "version": 1, "token": str|None}      {"type": "ready", "version": 1, "session": str,
                                                            "spec": {...input spec...}, "action_names": [...],
+                                                           "action_tokenizer": {...}, "language_source": str,
                                                            "limits": {...}}
   {"type": "reset", "id": int, "instruction": str,        {"type": "reset_ok", "id": int}
    "embedding": array|None}

@@ -118,6 +118,7 @@ class PolicyServer:
         spec = self.base.spec.to_dict()
         return {"type": "ready", "version": P.PROTOCOL_VERSION, "session": s.id, "spec": spec,
                 "action_names": list(self.base.action_names),
+                "action_tokenizer": self.base.policy.action_tokenizer.to_dict(),
                 "language_source": self.base.policy.cfg.model.language.source,
                 "limits": {"max_message_bytes": self.cfg.max_message_bytes, "rate_hz": self.cfg.rate_hz,
                            "burst": self.cfg.burst}}

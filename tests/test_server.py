@@ -216,3 +216,22 @@ def test_binding_beyond_loopback_needs_a_token():
     ServerConfig(host="::1").validate()
     with pytest.raises(ValueError, match="--token: expected at least 8"):
         ServerConfig(token="short").validate()
+
+
+def test_bench_serve_reports_json(tmp_path):
+    """Structure only (no timing asserted): in-process vs loopback percentiles, fleet, load average."""
+    import json
+
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "bench", "serve", "--clients", "2",
+                           "--rate", "20", "--image-size", "64x80", "--steps", "5", "--json", str(out)],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["image_shape"] == [64, 80, 3] and res["fleet"]["steps_total"] == 10 and not res["fleet"]["errors"]
+    for key in ("in_process_step_ms", "loopback_round_trip_ms", "server_step_ms", "server_step_cpu_ms"):
+        assert res[key]["n"] == 5 and 0 < res[key]["p50"] <= res[key]["max"]
+    assert 0 <= res["fleet"]["missed_deadlines"] <= 10 and len(res["machine"]["loadavg_before"]) == 3
+    bad = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "bench", "serve", "--image-size", "64by80"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode == 2 and "--image-size: expected HxW" in bad.stderr
