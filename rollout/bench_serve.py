@@ -106,12 +106,14 @@ def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 1
                 for _ in range(10):
                     c.step(obs)
                 rtt, server_ms, server_cpu = [], [], []
+                cpu0, srv0 = time.process_time(), _process_cpu_s(proc.pid)
                 for _ in range(steps):
                     t = time.perf_counter()
                     c.step(obs)
                     rtt.append(1000 * (time.perf_counter() - t))
                     server_ms.append(c.last_policy_ms)
                     server_cpu.append(c.last_cpu_ms)
+                client_cpu_s, srv1 = time.process_time() - cpu0, _process_cpu_s(proc.pid)
             transport = [r - s for r, s in zip(rtt, server_ms)]
             fleet = _fleet(url, obs, clients, rate, steps)
         finally:
@@ -133,12 +135,25 @@ def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 1
         "server_step_cpu_ms": _pct(server_cpu),
         "fleet_server_core_utilisation": round(clients * rate * float(np.median(server_cpu)) / 1000, 3),
         "overhead_ms": {"p50_round_trip_minus_in_process": round(rtt_p["p50"] - local_p["p50"], 3),
-                        "transport_per_step": _pct(transport)},
+                        "transport_per_step": _pct(transport),
+                        # CPU spent on the round trip besides the model step (client + server processes,
+                        # all threads): the overhead's cost without the waiting a loaded machine adds.
+                        "transport_cpu_per_step": None if srv0 is None or srv1 is None else round(
+                            (1000 * (client_cpu_s + srv1 - srv0) - sum(server_cpu)) / steps, 3)},
         "fleet": fleet,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M")},
     }
+
+
+def _process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _fleet(url: str, obs: dict, clients: int, rate: float, steps: int) -> dict:
