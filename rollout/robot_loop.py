@@ -204,9 +204,11 @@ class RobotLoop:
             tick = self.clock()
             step_events: list[str] = []
             if pending is not None and pending.done():
-                if pending.exception() is None:
-                    step_events.append(f"stale: discarded an answer {1000 * (self.clock() - pending_t):.0f} ms late")
-                pending = None  # a late exception surfaces on the next call if the policy stays broken
+                late_ms = 1000 * (self.clock() - pending_t)
+                exc = pending.exception()
+                step_events.append(f"stale: discarded an answer {late_ms:.0f} ms late" if exc is None else
+                                   f"stale: a late call failed ({type(exc).__name__}: {exc}); asking again")
+                pending = None
             source, policy_ms, out = "hold", None, None
             if pending is None:
                 pending, pending_t = _call_async(self.policy.step, ts.observation), self.clock()
