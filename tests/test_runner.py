@@ -60,6 +60,11 @@ def test_forked_runners_keep_their_own_memory(tmp_path):
         mixed.append(a.step(o))
         b.step(_obs(rng))
     np.testing.assert_allclose(np.stack(alone), np.stack(mixed), atol=1e-6)
+    # Recording the memory's weights on a whole-episode TTM (the controller's own step path).
+    rec = a.fork(record_attention=True)
+    rec.reset(INSTR[0])
+    np.testing.assert_allclose(np.stack([rec.step(o) for o in obs]), np.stack(alone), atol=1e-6)
+    assert len(rec.attention) == 3 and rec.attention[2]["write"].shape[1] == rec.policy.cfg.model.controller.memory_tokens
 
 
 def test_named_actions_follow_action_names(policy_dir):
