@@ -151,7 +151,8 @@ def cmd_serve(a: argparse.Namespace) -> dict:
 
     token = a.token or os.environ.get("POLICY_SERVER_TOKEN") or None
     cfg = ServerConfig(host=a.host, port=a.port, token=token, max_message_bytes=a.max_message_bytes,
-                       rate_hz=a.rate_limit, burst=a.burst, max_sessions=a.max_sessions, model_thread=a.model_thread)
+                       rate_hz=a.rate_limit, burst=a.burst, max_sessions=a.max_sessions, model_thread=a.model_thread,
+                       max_batch=a.max_batch)
     serve_forever(a.policy, cfg, threads=a.threads, device=a.device)
     return {"served": a.policy}
 
@@ -278,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sessions", type=int, default=16)
     s.add_argument("--model-thread", action="store_true",
                    help="run model calls on a worker thread (the loop stays responsive during long steps)")
+    s.add_argument("--max-batch", type=int, default=16,
+                   help="sessions stepped together in one batched model call (1 = no batching)")
     s.add_argument("--threads", type=int, default=1, help="torch threads")
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_serve)

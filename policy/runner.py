@@ -181,6 +181,56 @@ class PolicyRunner:
         self.steps += 1
         return self.decode(logits).cpu().numpy().astype(np.float32)
 
+    @staticmethod
+    @torch.inference_mode()
+    def step_group(runners: Sequence["PolicyRunner"], observations: Sequence[Mapping[str, Any]]
+                   ) -> list[np.ndarray | Exception]:
+        """One step of several single-robot runners (e.g. a server's sessions) in as few batched model
+        calls as their states allow; each runner keeps its own state. Per runner: its action, or the
+        exception its observation raised (the others still step). Runners whose states cannot be stacked
+        (different policies or state shapes, attention recording, non-tensor states) step one by one."""
+        if len(runners) != len(observations):
+            raise ValueError(f"observations: expected one per runner ({len(runners)}), got {len(observations)}")
+        out: list[np.ndarray | Exception | None] = [None] * len(runners)
+        groups: dict[tuple, list[tuple[int, np.ndarray, np.ndarray | None]]] = {}
+        for i, (r, o) in enumerate(zip(runners, observations)):
+            try:
+                if r._context is None:
+                    raise RuntimeError("step() before reset(instruction): call reset with the task instruction first")
+                if r.batch_size != 1:
+                    raise RuntimeError(f"step_group: expected single-robot runners, got a batch of {r.batch_size}")
+                img, prop = r.validate(o)
+            except (ObservationError, RuntimeError) as exc:
+                out[i] = exc
+                continue
+            stackable = isinstance(r._state, torch.Tensor) and not r.record_attention
+            key = (id(r.policy), tuple(r._state.shape) if stackable else ("solo", i))
+            groups.setdefault(key, []).append((i, img, prop))
+        for members in groups.values():
+            if len(members) == 1:
+                i, img, prop = members[0]
+                obs = {runners[i].spec.camera_key: img}
+                if prop is not None:
+                    obs[runners[i].spec.proprio_key] = prop  # type: ignore[index]
+                try:
+                    out[i] = runners[i].step(obs)
+                except Exception as exc:  # handed back to this runner's caller only
+                    out[i] = exc
+                continue
+            rs = [runners[i] for i, _, _ in members]
+            first = rs[0]
+            image = torch.from_numpy(np.stack([img for _, img, _ in members])).to(first.device)
+            prop = (torch.from_numpy(np.stack([p for _, _, p in members])).to(first.device)
+                    if first.spec.proprio_key else None)
+            context = torch.cat([r._context for r in rs])  # type: ignore[misc]
+            logits, state = first.model.step(image, context, prop, torch.cat([r._state for r in rs]))
+            actions = first.decode(logits).cpu().numpy().astype(np.float32)
+            for j, (r, (i, _, _)) in enumerate(zip(rs, members)):
+                r._state = state[j:j + 1].clone()  # its own storage: no runner holds a view of another's
+                r.steps += 1
+                out[i] = actions[j]
+        return out  # type: ignore[return-value]
+
     # ---- actions -------------------------------------------------------------------------------
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., A, bins] logits -> [..., A] flat actions, as the policy's config says (argmax or expectation).

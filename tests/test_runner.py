@@ -191,3 +191,25 @@ def test_record_attention_gives_ttm_read_and_write_weights(policy_dir, tmp_path)
     rt1 = build_random_policy(tmp_path / "rt1", overrides=["model.controller.type=rt1"])
     with pytest.raises(ValueError, match="record_attention: expected a TTM policy.*'rt1'"):
         PolicyRunner.load(rt1, record_attention=True)
+
+
+def test_step_group_batches_runners_and_keeps_their_states(policy_dir):
+    base = PolicyRunner.load(policy_dir)
+    rng = np.random.default_rng(9)
+    group = [base.fork() for _ in INSTR]
+    alone = [base.fork() for _ in INSTR]
+    for g, a, text in zip(group, alone, INSTR):
+        g.reset(text)
+        a.reset(text)
+    not_reset = base.fork()
+    for t in range(3):
+        obs = [_obs(rng) for _ in INSTR]
+        bad = _obs(rng, shape=(32, 64, 3))
+        got = PolicyRunner.step_group(group + [not_reset, group[0].fork()], obs + [obs[0], bad])
+        assert isinstance(got[3], RuntimeError) and "reset" in str(got[3])
+        assert isinstance(got[4], RuntimeError)  # a fork starts un-reset
+        for g, a, o, act in zip(group, alone, obs, got):
+            np.testing.assert_allclose(act, a.step(o), atol=1e-4)
+            assert g.steps == t + 1
+    bad_obs = PolicyRunner.step_group(group[:1], [_obs(rng, shape=(32, 64, 3))])[0]
+    assert isinstance(bad_obs, ObservationError) and "(32, 64, 3)" in str(bad_obs)
