@@ -130,10 +130,8 @@ def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 1
         "in_process_step_ms": local_p,
         "loopback_round_trip_ms": rtt_p,
         "server_step_ms": _pct(server_ms),
-        # CPU time per step is what a loaded machine does not inflate: K clients at R Hz need
-        # K * R * cpu_ms / 1000 of a core in the server, whatever else runs.
+        # CPU time per step is what a loaded machine does not inflate (fleet: server_core_utilisation).
         "server_step_cpu_ms": _pct(server_cpu),
-        "fleet_server_core_utilisation": round(clients * rate * float(np.median(server_cpu)) / 1000, 3),
         "overhead_ms": {"p50_round_trip_minus_in_process": round(rtt_p["p50"] - local_p["p50"], 3),
                         "transport_per_step": _pct(transport),
                         # CPU spent on the round trip besides the model step (client + server processes,
@@ -162,6 +160,8 @@ def _fleet(url: str, obs: dict, clients: int, rate: float, steps: int) -> dict:
 
     period = 1.0 / rate
     rtts: list[list[float]] = [[] for _ in range(clients)]
+    cpus: list[float] = []
+    batches: list[int] = []
     errors: list[str] = []
     barrier = threading.Barrier(clients)
 
@@ -178,6 +178,8 @@ def _fleet(url: str, obs: dict, clients: int, rate: float, steps: int) -> dict:
                     t = time.perf_counter()
                     c.step(obs)
                     rtts[i].append(1000 * (time.perf_counter() - t))
+                    cpus.append(c.last_cpu_ms)
+                    batches.append(c.last_batch)
         except Exception as exc:  # reported, not raised: the other robots' numbers still count
             errors.append(f"client {i}: {type(exc).__name__}: {exc}")
 
@@ -190,4 +192,8 @@ def _fleet(url: str, obs: dict, clients: int, rate: float, steps: int) -> dict:
     missed = sum(x > 1000 * period for x in all_ms)
     return {"clients": clients, "rate_hz": rate, "period_ms": round(1000 * period, 3), "steps_per_client": steps,
             "round_trip_ms": _pct(all_ms) if all_ms else {}, "missed_deadlines": int(missed),
-            "steps_total": len(all_ms), "errors": errors}
+            "steps_total": len(all_ms), "errors": errors,
+            "server_step_cpu_ms": _pct(cpus) if cpus else {},
+            "mean_batch": round(float(np.mean(batches)), 3) if batches else None,
+            # The share of one core the server's model needs for this fleet (CPU time, load-independent).
+            "server_core_utilisation": round(clients * rate * float(np.median(cpus)) / 1000, 3) if cpus else None}

@@ -40,6 +40,7 @@ class PolicyClient:
         self.steps = 0
         self.last_policy_ms = float("nan")  # the server's wall time for the last step
         self.last_cpu_ms = float("nan")  # and its CPU time
+        self.last_batch = 1  # sessions stepped together with this one
 
     def _call(self, msg: dict, expect: str) -> dict:
         self._ws.send(P.pack(msg))
@@ -67,6 +68,7 @@ class PolicyClient:
         self.steps = int(reply.get("step", self.steps + 1))
         self.last_policy_ms = float(reply.get("policy_ms", float("nan")))
         self.last_cpu_ms = float(reply.get("cpu_ms", float("nan")))
+        self.last_batch = int(reply.get("batch", 1))
         return P.decode_array(reply["action"], "action.action").astype(np.float32)
 
     def step_named(self, observation: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ client -> server                                        server -> client
   {"type": "reset", "id": int, "instruction": str,        {"type": "reset_ok", "id": int}
    "embedding": array|None}
   {"type": "step", "id": int, "observation": {key: array}} {"type": "action", "id": int, "action": array [A] float32,
-                                                           "step": int, "policy_ms": float, "cpu_ms": float}
+                                                           "step": int, "policy_ms": float, "cpu_ms": float,
+                                                           "batch": int (sessions stepped in the same call)}
   {"type": "close"}                                       (the server closes the connection)
   anything wrong                                          {"type": "error", "id": int|None, "code": str, "message": str}
 
