@@ -91,9 +91,10 @@ def cmd_train(a: argparse.Namespace) -> dict:
 def cmd_eval(a: argparse.Namespace) -> dict:
     from rollout.evaluate import evaluate
 
-    tasks = parse_tasks(a.env, a.tasks) if a.tasks else None
+    tasks = parse_tasks(a.env or "tabletop", a.tasks) if a.tasks else None
     res = evaluate(a.policy, a.env, tasks, a.episodes_per_task, seed=a.seed, video_dir=a.video_dir,
-                   videos_per_task=a.videos_per_task)
+                   videos_per_task=a.videos_per_task, workers=a.workers, chart=a.chart,
+                   memory_figure=a.memory_figure)
     print(res.table())
     return res.to_json()
 
@@ -135,6 +136,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 def cmd_bench(a: argparse.Namespace) -> dict:
     from rollout.bench import bench_env, bench_step
 
+    if isinstance(a.image_size, str) and a.what != "serve":
+        raise ValueError(f"--image-size: expected one integer for bench {a.what}, got {a.image_size!r}")
     if a.what == "backbone":
         from rollout.bench_backbone import bench_backbone
 
@@ -156,10 +159,26 @@ def cmd_bench(a: argparse.Namespace) -> dict:
         from rollout.bench_train import bench_train
 
         res = bench_train(a.config, a.data, a.steps or 20, overrides=a.overrides)
+    elif a.what == "serve":
+        from rollout.bench_serve import bench_serve, parse_image_size
+
+        size = f"{a.image_size}x{a.image_size}" if isinstance(a.image_size, int) else a.image_size
+        res = bench_serve(a.policy, a.clients, a.rate, parse_image_size(size), a.steps or 100, threads=a.serve_threads)
     else:
         res = bench_env(a.env, a.steps or 200, a.image_size or 64)
     print(json.dumps(res, indent=2))
     return res
+
+
+def cmd_serve(a: argparse.Namespace) -> dict:
+    from rollout.server import ServerConfig, serve_forever
+
+    token = a.token or os.environ.get("POLICY_SERVER_TOKEN") or None
+    cfg = ServerConfig(host=a.host, port=a.port, token=token, max_message_bytes=a.max_message_bytes,
+                       rate_hz=a.rate_limit, burst=a.burst, max_sessions=a.max_sessions, model_thread=a.model_thread,
+                       max_batch=a.max_batch)
+    serve_forever(a.policy, cfg, threads=a.threads, device=a.device)
+    return {"served": a.policy}
 
 
 def cmd_inspect(a: argparse.Namespace) -> dict:
@@ -175,6 +194,11 @@ def cmd_inspect(a: argparse.Namespace) -> dict:
     print(out.pop("features"))
     print(json.dumps(out, indent=2))
     return out
+
+
+def _image_size_arg(text: str) -> int | str:
+    """N, or HxW (bench serve)."""
+    return int(text) if text.strip().isdigit() else text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,12 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="roll out a policy directory in simulation")
     e.add_argument("--policy", required=True)
-    e.add_argument("--env", default="tabletop")
+    e.add_argument("--env", default=None, help="default: the env the policy was trained on")
     e.add_argument("--tasks", default=None, help="default: the tasks the policy was trained on")
+    e.add_argument("--workers", type=int, default=1, help="worker processes (spawned; one runner and 1 torch thread each)")
+    e.add_argument("--chart", default=None, metavar="PNG", help="write a bar chart of success per task")
+    e.add_argument("--memory-figure", default=None, metavar="PNG",
+                   help="TTM policies: write the memory's read and write weights over the first episode")
     e.add_argument("--episodes-per-task", type=int, default=20)
     e.add_argument("--seed", type=int, default=0, help="evaluation seed block (always disjoint from demonstrations)")
     e.add_argument("--video-dir", default=None)
-    e.add_argument("--videos-per-task", type=int, default=1)
+    e.add_argument("--videos-per-task", type=int, default=1, help="videos written per task (with --video-dir)")
     e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="offline CPU demo: collect -> train -> eval on the tabletop suite")
@@ -234,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "policy step, stepwise-vs-unrolled difference) or 'step-latency' (per-step "
                                      "latency at episode steps 1..1000 for every controller, side by side) or 'train' (training "
                                      "samples/s, seconds per step split into data/forward/backward/optimizer, "
-                                     "peak memory)")
-    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency", "train"])
+                                     "peak memory) or 'serve' (policy server round trips over loopback vs in-process, "
+                                     "K clients at a rate: missed deadlines)")
+    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency", "train", "serve"])
     b.add_argument("--data", default=None,
                    help="bench train: RLDS dataset (default: a tiny tabletop dataset collected into a temp dir)")
     b.add_argument("--policy", default=None, help="policy directory (bench step)")
@@ -254,15 +283,36 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=30,
                    help="bench step-latency: timed calls of each step t (from the saved state after step t-1)")
     b.add_argument("--plot", default=None, metavar="PNG", help="bench step-latency: write a latency-vs-step plot")
+    b.add_argument("--clients", type=int, default=4, help="bench serve: concurrent robot sessions")
+    b.add_argument("--rate", type=float, default=10.0, help="bench serve: control rate per client (Hz)")
+    b.add_argument("--serve-threads", type=int, default=1, help="bench serve: torch threads (server and in-process)")
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--env", default="tabletop")
-    b.add_argument("--image-size", type=int, default=None, help="default 64 (bench env), 224 (bench backbone)")
+    b.add_argument("--image-size", type=_image_size_arg, default=None,
+                   help="default 64 (bench env), 224 (bench backbone); bench serve: HxW (default 256x320)")
     b.add_argument("--vit-size", default="s", help="bench backbone: ViTTM / ViT size preset (tiny, s, b)")
     b.add_argument("--process-patch", type=int, default=None,
                    help="bench backbone: ViTTM process patch (default image_size / 8)")
     b.add_argument("--memory-patch", type=int, default=None,
                    help="bench backbone: ViTTM memory patch = plain ViT patch (default image_size / 14)")
     b.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("serve", help="serve a policy over websockets (msgpack; rollout/protocol.py) to robot computers")
+    s.add_argument("--policy", required=True)
+    s.add_argument("--host", default="127.0.0.1", help="bind address; anything beyond loopback needs --token")
+    s.add_argument("--port", type=int, default=8765, help="0 = any free port (printed)")
+    s.add_argument("--token", default=None, help="auth token clients must send (default: $POLICY_SERVER_TOKEN)")
+    s.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    s.add_argument("--rate-limit", type=float, default=200.0, help="messages per second per session (sustained)")
+    s.add_argument("--burst", type=int, default=50, help="messages per session above the sustained rate")
+    s.add_argument("--max-sessions", type=int, default=16)
+    s.add_argument("--model-thread", action="store_true",
+                   help="run model calls on a worker thread (the loop stays responsive during long steps)")
+    s.add_argument("--max-batch", type=int, default=16,
+                   help="sessions stepped together in one batched model call (1 = no batching)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=cmd_serve)
 
     i = sub.add_parser("inspect-data", help="print an RLDS dataset's schema, counts, instructions and action statistics")
     i.add_argument("data")
@@ -272,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--instruction", default="observation/instruction")
     i.set_defaults(fn=cmd_inspect)
 
-    for sp in (c, t, e, d, b, i):
+    for sp in (c, t, e, d, b, s, i):
         sp.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     return p
 

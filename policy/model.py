@@ -181,18 +181,32 @@ class PolicyModel(nn.Module):
         return self.controller.init_memory(batch)
 
     def step(self, image: torch.Tensor, context: torch.Tensor, proprio: torch.Tensor | None,
-             state: Any) -> tuple[torch.Tensor, Any]:
-        """One inference step: image uint8 [B,H,W,3] -> (logits [B,A,bins], new state)."""
-        out, state = self.controller_step(self.encode_frames(image, context, proprio), state)
+             state: Any, return_attention: bool = False):
+        """One inference step: image uint8 [B,H,W,3] -> (logits [B,A,bins], new state). With
+        return_attention (TTM controllers only) also the step's memory selection weights
+        {"read": [B,r,m+N], "write": [B,m,m+N+r]} (TokenLearner / attention weights over [memory; inputs(; outputs)])."""
+        tokens = self.encode_frames(image, context, proprio)
+        if return_attention:
+            out, state, attn = self.controller_step(tokens, state, return_attention=True)
+            return self.head(out), state, attn
+        out, state = self.controller_step(tokens, state)
         return self.head(out), state
 
-    def controller_step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        """The controller's part of `step`: input tokens [B,N,D] -> (output tokens, new state)."""
+    def controller_step(self, tokens: torch.Tensor, state: Any, return_attention: bool = False):
+        """The controller's part of `step`: input tokens [B,N,D] -> (output tokens, new state[, attention])."""
+        if return_attention and self.cfg.controller.type != "ttm":
+            raise ValueError("return_attention: expected a policy with model.controller.type 'ttm' (memory read/write "
+                             f"weights), got {self.cfg.controller.type!r}")
         if self.horizon:
             # Exactly what training on windows of `horizon` steps computes for a window's last step
             # (windows shorter than the horizon at the episode start are front-padded there, and
             # padded steps leave the state untouched). Only the controller reruns; frames are encoded once.
             history = torch.cat([state, tokens.unsqueeze(1)], dim=1)[:, -self.horizon:]
-            out = self.controller(history, None)[:, -1]
-            return out, history[:, 1:] if history.shape[1] == self.horizon else history
+            new_state = history[:, 1:] if history.shape[1] == self.horizon else history
+            if return_attention:
+                out, attn = self.controller(history, None, return_attention=True)
+                return out[:, -1], new_state, {k: v[:, -1] for k, v in attn.items()}
+            return self.controller(history, None)[:, -1], new_state
+        if return_attention:
+            return self.controller.step(tokens, state, return_attention=True)
         return self.controller.step(tokens, state)

@@ -1,14 +1,48 @@
-"""Evaluate a policy directory by rollouts in simulation: per-task success, lengths, videos.
+"""Evaluate a policy directory by rollouts in simulation: per-task success, lengths, videos, a chart.
 
-Evaluation seeds start at datasets.collect.EVAL_SEED_BASE, disjoint from demonstration seeds.
+Episodes run across `workers` spawned processes, each with its own runner (one torch thread) and
+environments. An episode is a function of its seed alone, so results do not depend on the number of
+workers. Evaluation seeds start at datasets.collect.EVAL_SEED_BASE, disjoint from demonstration seeds.
 """
 from __future__ import annotations
 
+import hashlib
+import multiprocessing as mp
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+SEEDS_PER_TASK = 1_000  # evaluation seed block of a task: EVAL_SEED_BASE + seed * 100_000 + task * 1_000 + i
+SEEDS_PER_BLOCK = 100_000
+
+
+@dataclass(frozen=True)
+class EpisodeJob:
+    policy_dir: str
+    env_name: str
+    task: str
+    task_index: int
+    episode: int
+    seed: int
+    image_size: int
+    camera: str
+    video_path: str | None
+
+
+@dataclass
+class EpisodeRecord:
+    task: str
+    episode: int
+    seed: int
+    instruction: str
+    success: bool
+    length: int
+    return_: float
+    action_digest: str  # hash of the episode's actions: equal digests = the same rollout
+    video: str | None = None
 
 
 @dataclass
@@ -17,14 +51,23 @@ class EvalResult:
     episodes: int
     seconds: float
     videos: list[str] = field(default_factory=list)
+    records: list[EpisodeRecord] = field(default_factory=list)
+    chart: str | None = None
+    memory_figure: str | None = None
 
     @property
     def mean_success(self) -> float:
         return float(np.mean([t["success_rate"] for t in self.per_task.values()])) if self.per_task else 0.0
 
     def to_json(self) -> dict:
-        return {"mean_success": round(self.mean_success, 4), "episodes": self.episodes,
-                "seconds": round(self.seconds, 2), "per_task": self.per_task, "videos": self.videos}
+        out: dict[str, Any] = {"mean_success": round(self.mean_success, 4), "episodes": self.episodes,
+                               "seconds": round(self.seconds, 2), "per_task": self.per_task, "videos": self.videos,
+                               "records": [asdict(r) for r in self.records]}
+        if self.chart:
+            out["chart"] = self.chart
+        if self.memory_figure:
+            out["memory_figure"] = self.memory_figure
+        return out
 
     def table(self) -> str:
         rows = [f"{'task':<12} {'success':>8} {'episodes':>9} {'mean len':>9}"]
@@ -34,57 +77,173 @@ class EvalResult:
         return "\n".join(rows)
 
 
+def eval_seed(seed: int, task_index: int, episode: int) -> int:
+    from datasets.collect import EVAL_SEED_BASE
+
+    return EVAL_SEED_BASE + seed * SEEDS_PER_BLOCK + task_index * SEEDS_PER_TASK + episode
+
+
 def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[str] | None = None,
              episodes_per_task: int = 20, seed: int = 0, video_dir: str | Path | None = None,
-             videos_per_task: int = 1, progress: bool = True, threads: int = 1) -> EvalResult:
-    """`threads`: torch threads for the policy. One by default: the software renderer (llvmpipe) needs
-    the other core, and torch's spinning worker threads slow both down badly when they compete."""
+             videos_per_task: int = 1, progress: bool = True, threads: int = 1, workers: int = 1,
+             chart: str | Path | None = None, memory_figure: str | Path | None = None) -> EvalResult:
+    """`threads`: torch threads per worker. One by default: the software renderer (llvmpipe) needs
+    the other core, and torch's spinning worker threads slow both down badly when they compete.
+    `chart`: PNG bar chart of success per task. `memory_figure`: PNG of the TTM memory's read and
+    write weights over the first episode (TTM policies only)."""
+    import envs
+    from policy.policy_dir import load_policy_dir
+    from tqdm import tqdm
+
+    _check_int("--episodes-per-task", episodes_per_task, 1)
+    _check_int("--videos-per-task", videos_per_task, 0)
+    _check_int("--workers", workers, 1)
+    _check_int("--seed", seed, 0)
+    if episodes_per_task > SEEDS_PER_TASK:
+        raise ValueError(f"--episodes-per-task: expected at most {SEEDS_PER_TASK} (a task's seed block), "
+                         f"got {episodes_per_task}")
+    spec = load_policy_dir(policy_dir).spec  # fails early, with the policy's own message
+    trained_env = spec.env
+    env_name = env_name or trained_env.get("env", "tabletop")
+    known = list(envs.list_tasks(env_name))
+    tasks = list(tasks or trained_env.get("tasks") or known)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {unknown} for env {env_name!r}; expected some of {known}")
+    if memory_figure is not None:
+        _require_ttm(policy_dir)
+    image_size = int(spec.image_shape[0])
+    camera = trained_env.get("camera", "front")
+
+    jobs = [EpisodeJob(str(policy_dir), env_name, task, ti, i, eval_seed(seed, ti, i), image_size, camera,
+                       str(Path(video_dir) / f"{task}_{i:03d}.mp4") if video_dir is not None and i < videos_per_task
+                       else None)
+            for ti, task in enumerate(tasks) for i in range(episodes_per_task)]
+    start = time.perf_counter()
+    records: list[EpisodeRecord] = []
+    bar = tqdm(total=len(jobs), desc="eval", unit="ep", disable=not progress)
+    for rec in _run_jobs(jobs, workers, threads):
+        records.append(rec)
+        bar.update(1)
+        bar.set_postfix(task=rec.task, success=f"{sum(r.success for r in records)}/{len(records)}")
+    bar.close()
+    records.sort(key=lambda r: (tasks.index(r.task), r.episode))
+    per_task = {}
+    for task in tasks:
+        rs = [r for r in records if r.task == task]
+        per_task[task] = {"success_rate": sum(r.success for r in rs) / len(rs), "episodes": len(rs),
+                          "mean_length": float(np.mean([r.length for r in rs]))}
+    result = EvalResult(per_task, len(records), time.perf_counter() - start,
+                        [r.video for r in records if r.video], records)
+    if chart is not None:
+        from rollout.plots import success_chart
+
+        result.chart = success_chart(per_task, chart, title=f"{Path(policy_dir).name}: success per task")
+    if memory_figure is not None:
+        from rollout.plots import memory_figure as plot_memory
+
+        trace = memory_trace(policy_dir, env_name, tasks[0], eval_seed(seed, 0, 0), image_size, camera, threads)
+        result.memory_figure = plot_memory(trace, memory_figure)
+    return result
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
+def _require_ttm(policy_dir: str | Path) -> None:
+    from policy.policy_dir import load_policy_dir
+
+    kind = load_policy_dir(policy_dir).cfg.model.controller.type
+    if kind != "ttm":
+        raise ValueError(f"--memory-figure: expected a TTM policy (model.controller.type 'ttm'), got {kind!r}")
+
+
+def _run_jobs(jobs: list[EpisodeJob], workers: int, threads: int):
+    if workers == 1:
+        _init_worker(threads)
+        try:
+            for job in jobs:
+                yield run_episode(job)
+        finally:
+            _close_worker_envs()
+        return
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+        yield from pool.imap_unordered(run_episode, jobs)
+
+
+# Per worker process: one runner per policy dir, one env per task (rendering contexts are expensive).
+_RUNNERS: dict[str, Any] = {}
+_ENVS: dict[tuple, Any] = {}
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _close_worker_envs() -> None:
+    # Free the EGL contexts now, not in interpreter-exit finalisers.
+    while _ENVS:
+        _ENVS.popitem()[1].close()
+
+
+def run_episode(job: EpisodeJob) -> EpisodeRecord:
+    import envs
+    from policy.runner import PolicyRunner
+
+    runner = _RUNNERS.get(job.policy_dir)
+    if runner is None:
+        runner = _RUNNERS[job.policy_dir] = PolicyRunner.load(job.policy_dir)
+    key = (job.env_name, job.task, job.image_size, job.camera)
+    env = _ENVS.get(key)
+    if env is None:
+        env = _ENVS[key] = envs.make(job.env_name, task=job.task, image_size=job.image_size, camera=job.camera)
+    ts = env.reset(seed=job.seed)
+    runner.reset(str(env.instruction))
+    cam = runner.spec.camera_key
+    frames = [ts.observation[cam]] if job.video_path else []
+    total = 0.0
+    digest = hashlib.blake2b(digest_size=8)
+    while not ts.last():
+        action = runner.step(ts.observation)
+        digest.update(action.tobytes())
+        ts = env.step(action)
+        total += float(ts.reward or 0.0)
+        if job.video_path:
+            frames.append(ts.observation[cam])
+    video = write_video(Path(job.video_path), frames) if job.video_path else None
+    return EpisodeRecord(job.task, job.episode, job.seed, str(env.instruction), bool(env.success), int(env.step_count),
+                         total, digest.hexdigest(), video)
+
+
+def memory_trace(policy_dir: str | Path, env_name: str, task: str, seed: int, image_size: int, camera: str,
+                 threads: int = 1) -> dict[str, Any]:
+    """One episode with the TTM's read and write weights recorded at every step:
+    {"read": [T,r,m+N], "write": [T,m,m+N+r], "memory_tokens": m, "input_tokens": N, "instruction", "task", "success"}."""
     import torch
 
     import envs
-    from datasets.collect import EVAL_SEED_BASE
     from policy.runner import PolicyRunner
-    from tqdm import tqdm
 
     torch.set_num_threads(threads)
-    runner = PolicyRunner.load(policy_dir)
-    trained_env = runner.spec.env
-    env_name = env_name or trained_env.get("env", "tabletop")
-    tasks = tasks or trained_env.get("tasks") or list(envs.list_tasks(env_name))
-    image_size = int(runner.spec.image_shape[0])
-    camera = trained_env.get("camera", "front")
-    if episodes_per_task < 1:
-        raise ValueError(f"--episodes-per-task: expected >= 1, got {episodes_per_task}")
-
-    per_task: dict[str, dict[str, float]] = {}
-    videos: list[str] = []
-    start = time.perf_counter()
-    bar = tqdm(total=len(tasks) * episodes_per_task, desc="eval", unit="ep", disable=not progress)
-    for ti, task in enumerate(tasks):
-        env = envs.make(env_name, task=task, image_size=image_size, camera=camera)
-        successes, lengths = 0, []
-        try:
-            for i in range(episodes_per_task):
-                ts = env.reset(seed=EVAL_SEED_BASE + seed * 100_000 + ti * 1_000 + i)
-                runner.reset(str(env.instruction))
-                record = video_dir is not None and i < videos_per_task
-                frames = [ts.observation[runner.spec.camera_key]] if record else []
-                while not ts.last():
-                    ts = env.step(runner.step(ts.observation))
-                    if record:
-                        frames.append(ts.observation[runner.spec.camera_key])
-                successes += int(env.success)
-                lengths.append(env.step_count)
-                if record:
-                    videos.append(write_video(Path(video_dir) / f"{task}_{i:03d}.mp4", frames))
-                bar.update(1)
-                bar.set_postfix(task=task, success=f"{successes}/{i + 1}")
-        finally:
-            env.close()
-        per_task[task] = {"success_rate": successes / episodes_per_task, "episodes": episodes_per_task,
-                          "mean_length": float(np.mean(lengths))}
-    bar.close()
-    return EvalResult(per_task, len(tasks) * episodes_per_task, time.perf_counter() - start, videos)
+    runner = PolicyRunner.load(policy_dir, record_attention=True)
+    env = envs.make(env_name, task=task, image_size=image_size, camera=camera)
+    try:
+        ts = env.reset(seed=seed)
+        runner.reset(str(env.instruction))
+        while not ts.last():
+            ts = env.step(runner.step(ts.observation))
+        success, instruction = bool(env.success), str(env.instruction)
+    finally:
+        env.close()
+    read = np.concatenate([a["read"] for a in runner.attention])  # batch of 1 -> [T, ...]
+    write = np.concatenate([a["write"] for a in runner.attention])
+    m = runner.policy.cfg.model.controller.memory_tokens
+    return {"read": read, "write": write, "memory_tokens": m, "input_tokens": read.shape[-1] - m,
+            "instruction": instruction, "task": task, "success": success}
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, min_size: int = 256) -> str:

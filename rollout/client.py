@@ -1,0 +1,105 @@
+"""Python client of the remote policy server, with the runner's interface (reset / step / step_named),
+so the robot loop takes either. Synchronous: one request in flight per session, as a control loop needs."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from rollout import protocol as P
+
+
+class RemotePolicyError(RuntimeError):
+    """An error reply from the server; `code` is one of protocol.ERROR_CODES."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"policy server: {code}: {message}")
+        self.code = code
+
+
+class PolicyClient:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0, max_message_bytes: int = 16 << 20):
+        from websockets.sync.client import connect
+
+        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"url: expected ws://HOST:PORT or wss://HOST:PORT, got {url!r}")
+        self.url, self.timeout = url, timeout
+        # Entered here and closed in close(): this client is the context manager (websockets 17 API).
+        self._ws = connect(url, compression=None, max_size=max_message_bytes, open_timeout=timeout).__enter__()
+        self._id = 0
+        try:
+            ready = self._call({"type": "hello", "version": P.PROTOCOL_VERSION, "token": token}, "ready")
+        except BaseException:
+            self._ws.close()
+            raise
+        self.session: str = ready["session"]
+        self.spec: dict = ready["spec"]
+        self.action_names: tuple[str, ...] = tuple(ready["action_names"])
+        self.limits: dict = ready.get("limits", {})
+        self._tokenizer_dict: dict = ready.get("action_tokenizer") or {}
+        self.steps = 0
+        self.last_policy_ms = float("nan")  # the server's wall time for the last step
+        self.last_cpu_ms = float("nan")  # and its CPU time
+        self.last_batch = 1  # sessions stepped together with this one
+
+    def _call(self, msg: dict, expect: str) -> dict:
+        self._ws.send(P.pack(msg))
+        reply = P.unpack(self._ws.recv(timeout=self.timeout), 1 << 30)
+        if reply["type"] == "error":
+            raise RemotePolicyError(str(reply.get("code")), str(reply.get("message")))
+        if reply["type"] != expect or ("id" in msg and reply.get("id") != msg["id"]):
+            raise RemotePolicyError("malformed", f"reply: expected {expect!r} for request {msg.get('id')}, "
+                                                 f"got {reply['type']!r} for {reply.get('id')}")
+        return reply
+
+    def _next_id(self) -> int:
+        self._id += 1
+        return self._id
+
+    def reset(self, instruction: str, embedding: np.ndarray | Sequence[float] | None = None) -> None:
+        emb = None if embedding is None else np.asarray(embedding, dtype=np.float32)
+        self._call({"type": "reset", "id": self._next_id(), "instruction": instruction, "embedding": emb}, "reset_ok")
+        self.steps = 0
+
+    def step(self, observation: Mapping[str, Any]) -> np.ndarray:
+        """Send one observation (arrays; strings such as the instruction are passed along) -> flat action."""
+        obs = {k: _wire_value(v) for k, v in observation.items()}
+        reply = self._call({"type": "step", "id": self._next_id(), "observation": obs}, "action")
+        self.steps = int(reply.get("step", self.steps + 1))
+        self.last_policy_ms = float(reply.get("policy_ms", float("nan")))
+        self.last_cpu_ms = float(reply.get("cpu_ms", float("nan")))
+        self.last_batch = int(reply.get("batch", 1))
+        return P.decode_array(reply["action"], "action.action").astype(np.float32)
+
+    def step_named(self, observation: Mapping[str, Any]) -> dict[str, Any]:
+        """As PolicyRunner.step_named: {name: float}, or the dict action of an Open X-Embodiment policy."""
+        return self.named(self.step(observation))
+
+    def named(self, action: np.ndarray) -> dict[str, Any]:
+        if self._tokenizer_dict.get("kind") == "dict":
+            from policy.action_tokenizer import DictActionTokenizer
+
+            tok = DictActionTokenizer.from_dict(self._tokenizer_dict)
+            return {k: v.numpy() for k, v in tok.unflatten(np.asarray(action, np.float32)).items()}
+        return {n: float(v) for n, v in zip(self.action_names, action)}
+
+    def close(self) -> None:
+        try:
+            self._ws.send(P.pack({"type": "close"}))
+        except Exception:  # already closed: nothing to tell the server
+            pass
+        self._ws.close()
+
+    def __enter__(self) -> "PolicyClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _wire_value(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray) and v.dtype == object and v.ndim == 0:  # a dm_env StringArray entry
+        return str(v.item())
+    return v if isinstance(v, str) else np.asarray(v)
