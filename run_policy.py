@@ -113,7 +113,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:
-    from rollout.bench import bench_env, bench_step
+    from rollout.bench import bench_step
 
     if a.what == "backbone":
         from rollout.bench_backbone import bench_backbone
@@ -133,7 +133,11 @@ def cmd_bench(a: argparse.Namespace) -> dict:
         res = bench_step_latency(a.config, tuple(a.controllers.split(",")), tuple(int(s) for s in a.at.split(",")),
                                  samples=a.samples, threads=a.threads, overrides=a.overrides, plot=a.plot)
     else:
-        res = bench_env(a.env, a.steps or 200, a.image_size or 64)
+        from rollout.bench_env import bench_env
+
+        tasks = parse_tasks(a.env, a.tasks) if a.tasks else None
+        res = bench_env(a.env, tasks, a.seeds, a.image_size or 96, camera=a.camera, noise=a.noise, frames=a.frames,
+                        upstream=a.upstream)
     print(json.dumps(res, indent=2))
     return res
 
@@ -165,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="new dataset directory (written atomically)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--image-size", type=int, default=64)
-    c.add_argument("--camera", default="front")
+    c.add_argument("--camera", default=None, help="camera (default: the env's, tabletop front, Meta-World corner2)")
     c.add_argument("--workers", type=int, default=2, help="worker processes running the simulator")
     c.add_argument("--noise", type=float, default=0.0, help="expert action noise for diverse demonstrations")
     c.add_argument("--keep-failures", action="store_true", help="also write failed expert episodes (marked success=False)")
@@ -225,8 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench step-latency: timed calls of each step t (from the saved state after step t-1)")
     b.add_argument("--plot", default=None, metavar="PNG", help="bench step-latency: write a latency-vs-step plot")
     b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--env", default="tabletop")
-    b.add_argument("--image-size", type=int, default=None, help="default 64 (bench env), 224 (bench backbone)")
+    b.add_argument("--env", default="tabletop", help="bench env: tabletop, metaworld-mt10 or metaworld-mt50")
+    b.add_argument("--tasks", default=None, help="bench env: 'all' (default) or a comma-separated list of tasks")
+    b.add_argument("--seeds", type=int, default=10, help="bench env: expert episodes per task (seeds 0..N-1)")
+    b.add_argument("--camera", default=None, help="bench env: camera (default: the env's)")
+    b.add_argument("--noise", type=float, default=0.0, help="bench env: expert action noise (std, action units)")
+    b.add_argument("--frames", type=int, default=100, help="bench env: rendered frames timed per task")
+    b.add_argument("--upstream", action="store_true",
+                   help="bench env (Meta-World): also run upstream policies directly on Meta-World, no adapter")
+    b.add_argument("--image-size", type=int, default=None, help="default 96 (bench env), 224 (bench backbone)")
     b.add_argument("--vit-size", default="s", help="bench backbone: ViTTM / ViT size preset (tiny, s, b)")
     b.add_argument("--process-patch", type=int, default=None,
                    help="bench backbone: ViTTM process patch (default image_size / 8)")
