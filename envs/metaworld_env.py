@@ -34,6 +34,9 @@ from dm_env import specs
 BENCHMARKS = ("MT10", "MT50")
 BENCHMARK_SEED = 0
 GOALS = ("benchmark", "random")
+# "fast": no shadows, reflections or multisampling: ~10x the frame rate of "full" (Meta-World's own
+# look) on a software (llvmpipe) EGL renderer, with the same geometry, colours and textures.
+RENDER_QUALITIES = ("fast", "full")
 MW_MAX_STEPS = 500  # Meta-World's max_path_length: stepping past it raises inside Meta-World
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 DEFAULT_CAMERA = "corner2"
@@ -183,6 +186,7 @@ class MetaWorldEnv(dm_env.Environment):
         end_on_success: bool = True,
         render: bool = True,
         goals: str = "benchmark",
+        render_quality: str = "fast",
     ):
         known = benchmark_tasks(benchmark)
         task = task.removesuffix("-v3") if isinstance(task, str) else task
@@ -197,6 +201,8 @@ class MetaWorldEnv(dm_env.Environment):
             raise ValueError(f"max_steps must be an int in [1, {MW_MAX_STEPS}] (Meta-World's limit), got {max_steps!r}")
         if goals not in GOALS:
             raise ValueError(f"goals must be one of {list(GOALS)}, got {goals!r}")
+        if render_quality not in RENDER_QUALITIES:
+            raise ValueError(f"render_quality must be one of {list(RENDER_QUALITIES)}, got {render_quality!r}")
         self._task = task
         self.benchmark = benchmark
         self.image_size = image_size
@@ -204,6 +210,7 @@ class MetaWorldEnv(dm_env.Environment):
         self.max_steps = max_steps
         self.end_on_success = end_on_success
         self.goals = goals
+        self.render_quality = render_quality
         self._rng = np.random.default_rng(seed)
         self._goal_vecs = benchmark_goals(benchmark)[task] if goals == "benchmark" else None
 
@@ -214,7 +221,7 @@ class MetaWorldEnv(dm_env.Environment):
         self.mw._set_task_called = True
         self.model, self.data = self.mw.model, self.mw.data
         self._cam_id = {c: mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, c) for c in CAMERAS}
-        self._renderer = _make_renderer(self.model, image_size) if render else None
+        self._renderer = _make_renderer(self.model, image_size, render_quality) if render else None
         self._blank = np.zeros((image_size, image_size, 3), np.uint8)
 
         self._episode_seed = 0
@@ -445,15 +452,21 @@ def expert_policy(task: str):
     return cls()
 
 
-def _make_renderer(model: mujoco.MjModel, size: int) -> mujoco.Renderer:
+def _make_renderer(model: mujoco.MjModel, size: int, quality: str = "fast") -> mujoco.Renderer:
     # The offscreen buffer must be at least the image size.
     model.vis.global_.offwidth = max(model.vis.global_.offwidth, size)
     model.vis.global_.offheight = max(model.vis.global_.offheight, size)
+    if quality == "fast":
+        model.vis.quality.offsamples = 0  # read when the GL context is made
     try:
-        return mujoco.Renderer(model, size, size)
+        renderer = mujoco.Renderer(model, size, size)
     except Exception as e:
         raise RuntimeError(
             "Headless MuJoCo rendering failed. Set MUJOCO_GL=egl (before mujoco is imported) and install "
             "the EGL/Mesa libraries, e.g. `apt-get install libegl1 libgl1-mesa-dri`; or use MUJOCO_GL=osmesa "
             f"with `apt-get install libosmesa6`. Or pass render=False. Original error: {e!r}"
         ) from e
+    if quality == "fast":
+        renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+        renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+    return renderer
