@@ -30,6 +30,7 @@ import dm_env
 import mujoco
 import numpy as np
 from dm_env import specs
+from metaworld.policies import ENV_POLICY_MAP, SawyerDoorOpenV3Policy, SawyerPegInsertionSideV3Policy
 
 BENCHMARKS = ("MT10", "MT50")
 BENCHMARK_SEED = 0
@@ -439,15 +440,55 @@ class MetaWorldExpert:
         return np.clip(noisy, ACTION_MIN, ACTION_MAX).astype(np.float32)
 
 
-# Patched experts (subclasses of upstream policies) for tasks where upstream is below 95% through
-# this adapter; see docs/METAWORLD.md for the measurements behind each entry.
-PATCHED_POLICIES: dict[str, type] = {}
+# ---- patched experts: subclasses of upstream policies where upstream is below 95% (docs/METAWORLD.md) ----
+
+
+class DoorOpenPolicy(SawyerDoorOpenV3Policy):
+    """Upstream starts descending once the hand is within 12 cm (xy) of the handle. On some goals the
+    fingers then land on top of the handle, the hand stays on its far side and pushes the door shut
+    (46/50 over the MT10 goals). We line up above the handle's front edge before descending."""
+
+    @staticmethod
+    def _desired_pos(o_d: dict[str, np.ndarray]) -> np.ndarray:
+        hand = o_d["hand_pos"]
+        door = o_d["door_pos"] + np.array([-0.05, 0.0, 0.0])
+        front = door + np.array([0.06, 0.02, 0.0])
+        if abs(hand[2] - door[2]) <= 0.04 and np.linalg.norm(hand[:2] - door[:2]) <= 0.12:
+            return door  # low and at the handle: push it open (upstream's last phase)
+        if np.linalg.norm(hand[:2] - front[:2]) > 0.02:
+            return front + np.array([0.0, 0.0, 0.2])
+        return front
+
+
+class PegInsertSidePolicy(SawyerPegInsertionSideV3Policy):
+    """Upstream decides "at the peg" by |hand z - peg z| <= 2.5 cm, but a held peg hangs ~2.5 cm below
+    the hand: on some goals the offset is just over, so the carried peg is lowered back to the table;
+    and it switches to inserting on the peg's yz error (< 3 cm), which jitters in and out while moving
+    (43/50 over the MT10 goals). We detect the grasp from the lifted peg, align the hand (not the peg)
+    with the hole, and keep inserting within a looser tolerance once past the approach point."""
+
+    @staticmethod
+    def _desired_pos(o_d: dict[str, np.ndarray]) -> np.ndarray:
+        hand, peg = o_d["hand_pos"], o_d["peg_pos"]
+        hole = np.array([-0.35, o_d["goal_pos"][1], 0.16])  # upstream's hand height for the hole
+        near = np.linalg.norm(hand[:2] - peg[:2]) <= 0.04
+        lifted = peg[2] > 0.045  # resting, the peg's centre is at ~0.025-0.03
+        if not near:
+            return peg + np.array([0.0, 0.0, 0.3])
+        # 3.2 cm, not 2.5: at the far end of the table the arm cannot bring the hand lower than ~6 cm.
+        if not lifted and abs(hand[2] - peg[2]) > 0.032:
+            return peg
+        inserting = hand[0] < hole[0] + 0.3
+        if np.linalg.norm(hand[1:] - hole[1:]) > (0.04 if inserting else 0.02):
+            return hole + np.array([0.4, 0.0, 0.0])
+        return hole
+
+
+PATCHED_POLICIES: dict[str, type] = {"door-open": DoorOpenPolicy, "peg-insert-side": PegInsertSidePolicy}
 
 
 def expert_policy(task: str):
     """The scripted Meta-World policy for `task` (patched where upstream falls short)."""
-    from metaworld.policies import ENV_POLICY_MAP
-
     cls = PATCHED_POLICIES.get(task) or ENV_POLICY_MAP[mw_name(task)]
     return cls()
 
