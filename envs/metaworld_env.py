@@ -237,6 +237,8 @@ class MetaWorldEnv(dm_env.Environment):
 
     def reset(self, seed: int | None = None) -> dm_env.TimeStep:
         """Start an episode; the whole episode is a function of `seed` (drawn from the env RNG if None)."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         self._episode_seed = int(self._rng.integers(2**31)) if seed is None else int(seed)
         rng = np.random.default_rng(self._episode_seed)
         phrasings = INSTRUCTIONS[self._task]
