@@ -33,7 +33,7 @@ def expert_rollouts(env: Any, seeds: list[int], noise: float = 0.0) -> dict:
         successes += int(env.success)
         lengths.append(env.step_count)
     return {"expert_success": successes / len(seeds), "successes": successes, "episodes": len(seeds),
-            "mean_length": float(np.mean(lengths)), "control_steps_per_s": steps / step_s if step_s else 0.0}
+            "mean_length": float(np.mean(lengths)), "max_length": int(max(lengths)), "control_steps_per_s": steps / step_s if step_s else 0.0}
 
 
 def upstream_rollouts(env: Any, seeds: list[int]) -> float:
