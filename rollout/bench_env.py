@@ -21,19 +21,22 @@ def expert_rollouts(env: Any, seeds: list[int], noise: float = 0.0) -> dict:
     import envs
 
     expert = envs.make_expert(env, noise=noise, seed=0)
-    successes, lengths, step_s, steps = 0, [], 0.0, 0
+    successes, lengths, step_s, step_cpu, steps = 0, [], 0.0, 0.0, 0
     for seed in seeds:
         ts = env.reset(seed=seed)
         while not ts.last():
             action = expert.act(ts)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             ts = env.step(action)
             step_s += time.perf_counter() - t
+            step_cpu += time.process_time() - c
             steps += 1
         successes += int(env.success)
         lengths.append(env.step_count)
     return {"expert_success": successes / len(seeds), "successes": successes, "episodes": len(seeds),
-            "mean_length": float(np.mean(lengths)), "max_length": int(max(lengths)), "control_steps_per_s": steps / step_s if step_s else 0.0}
+            "mean_length": float(np.mean(lengths)), "max_length": int(max(lengths)), "control_steps_per_s": steps / step_s if step_s else 0.0,
+            # Per CPU-second of this process: on a shared machine this is the rate an idle core would give.
+            "control_steps_per_cpu_s": steps / step_cpu if step_cpu else 0.0}
 
 
 def upstream_rollouts(env: Any, seeds: list[int]) -> float:
@@ -59,19 +62,21 @@ def upstream_rollouts(env: Any, seeds: list[int]) -> float:
     return successes / len(seeds)
 
 
-def render_rate(env: Any, frames: int = 100) -> float:
-    """Frames per second of env.render() at the env's image size, the scene changing between frames."""
+def render_rate(env: Any, frames: int = 100) -> tuple[float, float]:
+    """Frames per wall-clock second and per CPU-second of env.render() at the env's image size, the
+    scene changing between frames (CPU time counts the software renderer's threads too)."""
     ts = env.reset(seed=0)
     rng = np.random.default_rng(0)
-    seconds = 0.0
+    seconds = cpu = 0.0
     for _ in range(frames):
         if ts.last():
             ts = env.reset()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         env.render()
         seconds += time.perf_counter() - t
+        cpu += time.process_time() - c
         ts = env.step(np.append(rng.uniform(-1, 1, 4), 0.0).astype(np.float32))
-    return frames / seconds
+    return frames / seconds, frames / max(cpu, 1e-9)
 
 
 def bench_env(env_name: str, tasks: list[str] | None = None, seeds: int = 10, image_size: int = 96,
@@ -97,7 +102,7 @@ def bench_env(env_name: str, tasks: list[str] | None = None, seeds: int = 10, im
             env.close()
         env = envs.make(env_name, task, image_size=image_size, camera=camera)
         try:
-            row["rendered_frames_per_s"] = render_rate(env, frames)
+            row["rendered_frames_per_s"], row["rendered_frames_per_cpu_s"] = render_rate(env, frames)
             row["camera"] = env.camera
         finally:
             env.close()
@@ -108,7 +113,9 @@ def bench_env(env_name: str, tasks: list[str] | None = None, seeds: int = 10, im
     mean = lambda key: round(float(np.mean([r[key] for r in per_task.values()])), 4)  # noqa: E731
     summary = {"mean_expert_success": mean("expert_success"), "min_expert_success": min(
         r["expert_success"] for r in per_task.values()), "mean_length": mean("mean_length"),
-        "control_steps_per_s": mean("control_steps_per_s"), "rendered_frames_per_s": mean("rendered_frames_per_s")}
+        "control_steps_per_s": mean("control_steps_per_s"), "rendered_frames_per_s": mean("rendered_frames_per_s"),
+        "control_steps_per_cpu_s": mean("control_steps_per_cpu_s"),
+        "rendered_frames_per_cpu_s": mean("rendered_frames_per_cpu_s")}
     if upstream and envs.env_family(env_name) == "metaworld":
         summary["mean_upstream_expert_success"] = mean("upstream_expert_success")
     return {"benchmark": "env", "env": env_name, "image_size": image_size, "seeds": seeds, "noise": noise,
