@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="do not clear --out first")
     d.set_defaults(fn=cmd_demo)
 
-    b = sub.add_parser("bench", help="measure: 'step' (policy step latency), 'env' (simulator speed), "
+    b = sub.add_parser("bench", help="measure: 'step' (policy step latency), 'env' (per task: expert success, "
+                                     "episode length, simulator steps/s and rendered frames/s), "
                                      "'backbone' (image backbone latency and FLOPs: efficientnet-b3, vittm, vit) or "
                                      "'model' (a config's parameters per component, tokens per frame, FLOPs per "
                                      "policy step, stepwise-vs-unrolled difference) or 'step-latency' (per-step "

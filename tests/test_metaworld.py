@@ -334,3 +334,15 @@ def test_patched_experts_succeed_where_upstream_fails(make_env, task, seeds):
         while not ts.last():
             ts = env.step(mwe.from_metaworld_action(upstream.get_action(env.raw_observation)))
         assert not env.success, f"upstream now solves {task} seed {seed}: the patch may be unnecessary"
+
+
+def test_cli_bench_env_writes_json_and_names_bad_tasks(tmp_path, capsys):
+    from run_policy import main
+
+    out = tmp_path / "env.json"
+    args = ["bench", "env", "--env", MT10, "--tasks", "reach", "--seeds", "1", "--frames", "2", "--image-size", "32"]
+    assert main(args + ["--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["env"] == MT10 and list(result["per_task"]) == ["reach"] and result["image_size"] == 32
+    assert main(["bench", "env", "--env", MT10, "--tasks", "reach,fly"]) == 2
+    assert "unknown task(s) ['fly']" in capsys.readouterr().err
