@@ -222,6 +222,8 @@ class MetaWorldEnv(dm_env.Environment):
         self.mw._set_task_called = True
         self.model, self.data = self.mw.model, self.mw.data
         self._cam_id = {c: mujoco.mj_name2id(self.model, mujoco.mjtObj.mjOBJ_CAMERA, c) for c in CAMERAS}
+        # Decided once from the initial pose, so a camera never flips orientation mid-episode.
+        self._rotate = {c: bool(self.data.cam_xmat[i].reshape(3, 3)[2, 1] < 0) for c, i in self._cam_id.items()}
         self._renderer = _make_renderer(self.model, image_size, render_quality) if render else None
         self._blank = np.zeros((image_size, image_size, 3), np.uint8)
 
@@ -353,8 +355,10 @@ class MetaWorldEnv(dm_env.Environment):
         Meta-World defines corner/corner2/corner3/corner4 with a downward "up" axis. Negating both
         camera axes keeps the view direction, so the fix is a 180-degree rotation (not a mirror flip).
         """
-        cam = self._cam_id[self.camera if camera is None else camera]
-        return bool(self.data.cam_xmat[cam].reshape(3, 3)[2, 1] < 0)
+        camera = self.camera if camera is None else camera
+        if camera not in CAMERAS:
+            raise ValueError(f"camera must be one of {list(CAMERAS)}, got {camera!r}")
+        return self._rotate[camera]
 
     # ---- internals --------------------------------------------------------------------------
 
