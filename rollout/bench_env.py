@@ -13,7 +13,8 @@ def _machine() -> dict:
     import os
 
     return {"cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "mujoco_gl": os.environ.get("MUJOCO_GL"), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+            "mujoco_gl": os.environ.get("MUJOCO_GL"), "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def expert_rollouts(env: Any, seeds: list[int], noise: float = 0.0) -> dict:
@@ -34,7 +35,8 @@ def expert_rollouts(env: Any, seeds: list[int], noise: float = 0.0) -> dict:
         successes += int(env.success)
         lengths.append(env.step_count)
     return {"expert_success": successes / len(seeds), "successes": successes, "episodes": len(seeds),
-            "mean_length": float(np.mean(lengths)), "max_length": int(max(lengths)), "control_steps_per_s": steps / step_s if step_s else 0.0,
+            "mean_length": float(np.mean(lengths)), "max_length": int(max(lengths)),
+            "control_steps_per_s": steps / step_s if step_s else 0.0,
             # Per CPU-second of this process: on a shared machine this is the rate an idle core would give.
             "control_steps_per_cpu_s": steps / step_cpu if step_cpu else 0.0}
 
