@@ -134,7 +134,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:
-    from rollout.bench import bench_env, bench_step
+    from rollout.bench import bench_step
 
     if isinstance(a.image_size, str) and a.what != "serve":
         raise ValueError(f"--image-size: expected one integer for bench {a.what}, got {a.image_size!r}")
@@ -165,7 +165,11 @@ def cmd_bench(a: argparse.Namespace) -> dict:
         size = f"{a.image_size}x{a.image_size}" if isinstance(a.image_size, int) else a.image_size
         res = bench_serve(a.policy, a.clients, a.rate, parse_image_size(size), a.steps or 100, threads=a.serve_threads)
     else:
-        res = bench_env(a.env, a.steps or 200, a.image_size or 64)
+        from rollout.bench_env import bench_env
+
+        tasks = parse_tasks(a.env, a.tasks) if a.tasks else None
+        res = bench_env(a.env, tasks, a.seeds, a.image_size or 96, camera=a.camera, noise=a.noise, frames=a.frames,
+                        upstream=a.upstream)
     print(json.dumps(res, indent=2))
     return res
 
@@ -213,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="new dataset directory (written atomically)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--image-size", type=int, default=64)
-    c.add_argument("--camera", default="front")
+    c.add_argument("--camera", default=None, help="camera (default: the env's, tabletop front, Meta-World corner2)")
     c.add_argument("--workers", type=int, default=2, help="worker processes running the simulator")
     c.add_argument("--noise", type=float, default=0.0, help="expert action noise for diverse demonstrations")
     c.add_argument("--keep-failures", action="store_true", help="also write failed expert episodes (marked success=False)")
@@ -256,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", action="store_true", help="do not clear --out first")
     d.set_defaults(fn=cmd_demo)
 
-    b = sub.add_parser("bench", help="measure: 'step' (policy step latency), 'env' (simulator speed), "
+    b = sub.add_parser("bench", help="measure: 'step' (policy step latency), 'env' (per task: expert success, "
+                                     "episode length, simulator steps/s and rendered frames/s), "
                                      "'backbone' (image backbone latency and FLOPs: efficientnet-b3, vittm, vit) or "
                                      "'model' (a config's parameters per component, tokens per frame, FLOPs per "
                                      "policy step, stepwise-vs-unrolled difference) or 'step-latency' (per-step "
@@ -287,9 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rate", type=float, default=10.0, help="bench serve: control rate per client (Hz)")
     b.add_argument("--serve-threads", type=int, default=1, help="bench serve: torch threads (server and in-process)")
     b.add_argument("--threads", type=int, default=2)
-    b.add_argument("--env", default="tabletop")
+    b.add_argument("--env", default="tabletop", help="bench env: tabletop, metaworld-mt10 or metaworld-mt50")
+    b.add_argument("--tasks", default=None, help="bench env: 'all' (default) or a comma-separated list of tasks")
+    b.add_argument("--seeds", type=int, default=10, help="bench env: expert episodes per task (seeds 0..N-1)")
+    b.add_argument("--camera", default=None, help="bench env: camera (default: the env's)")
+    b.add_argument("--noise", type=float, default=0.0, help="bench env: expert action noise (std, action units)")
+    b.add_argument("--frames", type=int, default=100, help="bench env: rendered frames timed per task")
+    b.add_argument("--upstream", action="store_true",
+                   help="bench env (Meta-World): also run upstream policies directly on Meta-World, no adapter")
     b.add_argument("--image-size", type=_image_size_arg, default=None,
-                   help="default 64 (bench env), 224 (bench backbone); bench serve: HxW (default 256x320)")
+                   help="default 96 (bench env), 224 (bench backbone); bench serve: HxW (default 256x320)")
     b.add_argument("--vit-size", default="s", help="bench backbone: ViTTM / ViT size preset (tiny, s, b)")
     b.add_argument("--process-patch", type=int, default=None,
                    help="bench backbone: ViTTM process patch (default image_size / 8)")

@@ -41,14 +41,13 @@ class EpisodeRequest:
 def run_expert_episode(req: EpisodeRequest, env=None):
     """Run one scripted episode; returns a datasets.rlds_writer.Episode."""
     import envs
-    from envs.experts import make_expert
     from datasets.rlds_writer import Episode
 
     own = env is None
     if own:
         env = envs.make(req.env, task=req.task, image_size=req.image_size, camera=req.camera)
     try:
-        expert = make_expert(env, noise=req.noise, seed=req.seed)
+        expert = envs.make_expert(env, noise=req.noise, seed=req.seed)  # tabletop or Meta-World
         ts = env.reset(seed=req.seed)
         expert.reset()
         observations, actions, rewards, discounts = [dict(ts.observation)], [], [], []
@@ -111,7 +110,7 @@ class CollectResult:
 
 
 def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | Path, seed: int = 0,
-            image_size: int = 64, camera: str = "front", workers: int = 2, noise: float = 0.0,
+            image_size: int = 64, camera: str | None = None, workers: int = 2, noise: float = 0.0,
             keep_failures: bool = False, image_encoding: str = "png", progress: bool = True) -> CollectResult:
     import envs
     from tqdm import tqdm
@@ -120,6 +119,7 @@ def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | 
 
     if episodes_per_task < 1:
         raise ValueError(f"--episodes-per-task: expected >= 1, got {episodes_per_task}")
+    camera = envs.default_camera(env_name) if camera is None else camera  # recorded in the sidecar for eval
     requests = [EpisodeRequest(env_name, task, demo_seed(seed, ti, i), image_size, camera, noise)
                 for ti, task in enumerate(tasks) for i in range(episodes_per_task)]
     probe = envs.make(env_name, task=tasks[0], image_size=image_size, camera=camera)

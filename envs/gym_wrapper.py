@@ -1,42 +1,48 @@
-"""gymnasium.Env view of a TabletopEnv (same physics, same seeding)."""
+"""gymnasium.Env view of any of our dm_env environments (same physics, same seeding).
+
+Spaces are derived from the dm_env specs: BoundedArray -> bounded Box, Array -> unbounded Box,
+StringArray -> Text (the instruction).
+"""
 
 from __future__ import annotations
 
 import string
 from typing import Any
 
+import dm_env
 import gymnasium
 import numpy as np
+from dm_env import specs
 from gymnasium import spaces
-
-from envs.tabletop import TabletopEnv
 
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.'-"
 MAX_INSTRUCTION_LENGTH = 200
 
 
-class TabletopGymEnv(gymnasium.Env):
-    """terminated/truncated follow the dm_env step type and discount; info carries "success"."""
+class DmEnvGymWrapper(gymnasium.Env):
+    """terminated/truncated follow the dm_env step type and discount; info carries "success".
+
+    The wrapped env must offer reset(seed=), last_info and render() besides the dm_env API
+    (TabletopEnv and MetaWorldEnv do).
+    """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 10}
 
-    def __init__(self, env: TabletopEnv, render_mode: str | None = "rgb_array"):
+    def __init__(
+        self,
+        env: dm_env.Environment,
+        render_mode: str | None = "rgb_array",
+        bounds: dict[str, tuple[Any, Any]] | None = None,
+    ):
+        """`bounds`: {observation key: (low, high)} for keys whose dm_env spec is unbounded."""
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be 'rgb_array' or None, got {render_mode!r}")
         self.env = env
         self.render_mode = render_mode
-        n = env.image_size
-        spec = env.action_spec()
-        self.action_space = spaces.Box(spec.minimum, spec.maximum, (5,), np.float32)
+        self.action_space = spec_to_space(env.action_spec())
+        bounds = bounds or {}
         self.observation_space = spaces.Dict(
-            {
-                "image": spaces.Box(0, 255, (n, n, 3), np.uint8),
-                # Gripper xyz stays within a metre of the table centre; opening is in [0, 1].
-                "state": spaces.Box(
-                    np.array([-1, -1, -1, 0], np.float32), np.array([1, 1, 1, 1], np.float32), (4,), np.float32
-                ),
-                "instruction": spaces.Text(MAX_INSTRUCTION_LENGTH, charset=INSTRUCTION_CHARSET),
-            }
+            {k: spec_to_space(s, bounds.get(k)) for k, s in env.observation_spec().items()}
         )
 
     def reset(
@@ -62,5 +68,21 @@ class TabletopGymEnv(gymnasium.Env):
         self.env.close()
 
 
+TabletopGymEnv = DmEnvGymWrapper  # the former name, kept for existing imports
+
+
+def spec_to_space(spec: specs.Array, bounds: tuple[Any, Any] | None = None) -> spaces.Space:
+    if isinstance(spec, specs.StringArray):
+        return spaces.Text(MAX_INSTRUCTION_LENGTH, charset=INSTRUCTION_CHARSET)
+    if isinstance(spec, specs.BoundedArray):
+        low = np.broadcast_to(spec.minimum, spec.shape).astype(spec.dtype)
+        high = np.broadcast_to(spec.maximum, spec.shape).astype(spec.dtype)
+        return spaces.Box(low, high, spec.shape, spec.dtype)
+    if bounds is not None:
+        low, high = (np.broadcast_to(np.asarray(b, spec.dtype), spec.shape) for b in bounds)
+        return spaces.Box(low, high, spec.shape, spec.dtype)
+    return spaces.Box(-np.inf, np.inf, spec.shape, spec.dtype)
+
+
 def _convert(obs: dict[str, np.ndarray]) -> dict[str, Any]:
-    return {"image": obs["image"], "state": obs["state"], "instruction": str(obs["instruction"].item())}
+    return {k: (str(v.item()) if v.dtype == object else v) for k, v in obs.items()}

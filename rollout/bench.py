@@ -1,4 +1,4 @@
-"""Benchmarks that print JSON: policy step latency and simulator speed."""
+"""Benchmarks that print JSON: policy step latency (simulator speed: rollout/bench_env.py)."""
 from __future__ import annotations
 
 import platform
@@ -59,18 +59,3 @@ def bench_step(policy_dir: str | None, config: str | None, steps: int, threads: 
     return {"benchmark": "step", "source": str(source), "steps": steps, "threads": threads,
             "median_ms": round(statistics.median(ms), 3), "p90_ms": round(ms[int(0.9 * len(ms))], 3),
             "steps_per_second": round(1000 / statistics.median(ms), 1), "machine": _machine()}
-
-
-def bench_env(env_name: str, steps: int, image_size: int) -> dict:
-    """Control steps per second without rendering and rendered frames per second, per task."""
-    import envs
-    from envs.tabletop import benchmark_env
-
-    per_task = {}
-    for task in envs.list_tasks(env_name):
-        per_task[task] = {
-            "steps_per_second_no_render": benchmark_env(task, steps, render=False, image_size=image_size),
-            "steps_per_second_render": benchmark_env(task, steps, render=True, image_size=image_size),
-        }
-    return {"benchmark": "env", "env": env_name, "image_size": image_size, "steps": steps, "per_task": per_task,
-            "machine": _machine()}

@@ -48,7 +48,9 @@ def _run_expert(env, seed: int, noise: float = 0.0):
 
 
 def test_registry_and_constants():
-    assert envs.ENV_NAMES == ("tabletop",)
+    assert envs.ENV_NAMES == ("tabletop", "metaworld-mt10", "metaworld-mt50")
+    assert envs.env_family("tabletop") == "tabletop" and envs.default_camera("tabletop") == "front"
+    assert envs.action_names("tabletop") == envs.ACTION_NAMES
     assert envs.ACTION_NAMES[-1] == "terminate_episode" and len(envs.ACTION_NAMES) == 5
     tasks = envs.list_tasks()
     assert set(tasks) >= {"reach", "lift", "push", "place"}
@@ -159,9 +161,10 @@ def test_bad_action_is_rejected(make_env, action, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"task": "fly"}, r"task must be one of \['lift', 'place', 'push', 'reach'\], got 'fly'"),
+        ({"task": "fly"}, r"task must be one of \[.*'lift'.*'reach'.*\] for env 'tabletop', got 'fly'"),
         ({"task": "lift", "camera": "top"}, r"camera must be one of .*'front'.*got 'top'"),
-        ({"task": "lift", "name": "kitchen"}, r"name must be one of \['tabletop'\], got 'kitchen'"),
+        ({"task": "lift", "name": "kitchen"},
+         r"name must be one of \['tabletop', 'metaworld-mt10', 'metaworld-mt50'\], got 'kitchen'"),
     ],
 )
 def test_bad_constructor_arguments_are_named(kwargs, match):
@@ -228,6 +231,26 @@ def test_gymnasium_step_flags_and_info():
         assert env.render().shape == (32, 32, 3)
     finally:
         env.close()
+
+
+def test_registry_defaults_camera_and_dispatches_the_expert(make_env):
+    env = make_env("reach", image_size=32, camera=None)
+    assert env.camera == "front"
+    expert = envs.make_expert(env, noise=0.0, seed=0)
+    ts = env.reset(seed=0)
+    np.testing.assert_array_equal(expert.act(ts), make_expert(env).act(ts))
+
+
+def test_make_vec_tabletop():
+    vec = envs.make_vec("tabletop", ["lift", "push"], 2, image_size=32, asynchronous=False, max_steps=2)
+    try:
+        obs, info = vec.reset(seed=0)
+        assert obs["image"].shape == (2, 32, 32, 3) and list(info["task"]) == ["lift", "push"]
+        for _ in range(2):
+            obs, reward, terminated, truncated, info = vec.step(np.zeros((2, 5), np.float32))
+        assert truncated.all() and not terminated.any()
+    finally:
+        vec.close()
 
 
 def test_benchmark_env_reports_rate():
