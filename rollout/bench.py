@@ -1,6 +1,7 @@
 """Benchmarks that print JSON: policy step latency (simulator speed: rollout/bench_env.py)."""
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
@@ -10,8 +11,10 @@ import torch
 
 
 def _machine() -> dict:
-    return {"cpu_count": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+    # The load average says how noisy the numbers are on a shared machine.
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_1min": round(os.getloadavg()[0], 2), "platform": platform.platform(),
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def bench_step(policy_dir: str | None, config: str | None, steps: int, threads: int) -> dict:

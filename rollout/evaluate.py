@@ -113,7 +113,7 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
     if memory_figure is not None:
         _require_ttm(policy_dir)
     image_size = int(spec.image_shape[0])
-    camera = trained_env.get("camera", "front")
+    camera = trained_env.get("camera")  # None: the env's default camera
 
     jobs = [EpisodeJob(str(policy_dir), env_name, task, ti, i, eval_seed(seed, ti, i), image_size, camera,
                        str(Path(video_dir) / f"{task}_{i:03d}.mp4") if video_dir is not None and i < videos_per_task
