@@ -31,6 +31,8 @@ class Waypoint:
     gripper: float
     tol: float = 0.01  # advance once the tcp is this close ...
     wait: int = 0  # ... and at least this many steps were spent here (fingers closing/opening)
+    until: Callable[["TabletopEnv"], bool] | None = None  # ... and this holds (e.g. a go signal)
+    hold: bool = False  # stand still (zero displacement) while here
 
 
 class WaypointExpert:
@@ -64,13 +66,14 @@ class WaypointExpert:
             self._phase < len(self._plan) - 1
             and np.linalg.norm(goal - tcp) < wp.tol
             and self._steps_in_phase >= wp.wait
+            and (wp.until is None or wp.until(env))
         ):
             self._phase, self._steps_in_phase = self._phase + 1, 0
             wp = self._plan[self._phase]
             goal = wp.target(env)
         self._steps_in_phase += 1
 
-        move = GAIN * (goal - tcp) / MAX_DELTA
+        move = np.zeros(3) if wp.hold else GAIN * (goal - tcp) / MAX_DELTA
         move /= max(1.0, float(np.abs(move).max()))  # keep the direction when saturating
         done = env.success and not env.end_on_success
         low, high = env.action_spec().minimum, env.action_spec().maximum
@@ -84,9 +87,11 @@ class WaypointExpert:
         return np.clip(noisy, low, high).astype(np.float32)
 
 
-def _above(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
+def _above(z: float, slot: str | None = None) -> Callable[["TabletopEnv"], np.ndarray]:
+    """Over an object (the target by default) at tcp height z."""
+
     def target(env: "TabletopEnv") -> np.ndarray:
-        p = env.block_pos(env.target_color)
+        p = env.object_pos(slot or env.target)
         return np.array([p[0], p[1], z])
 
     return target
@@ -94,7 +99,7 @@ def _above(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
 
 def _at_start(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
     def target(env: "TabletopEnv") -> np.ndarray:
-        p = env.block_start_pos(env.target_color)
+        p = env.object_start_pos(env.target)
         return np.array([p[0], p[1], z])
 
     return target
@@ -107,11 +112,45 @@ def _above_tray(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
     return target
 
 
+def _above_pad(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
+    def target(env: "TabletopEnv") -> np.ndarray:
+        p = env.pad_pos(env.episode.pad)
+        return np.array([p[0], p[1], z])
+
+    return target
+
+
+def _above_base(dz: float) -> Callable[["TabletopEnv"], np.ndarray]:
+    def target(env: "TabletopEnv") -> np.ndarray:
+        return env.object_pos(env.episode.other) + np.array([0.0, 0.0, dz])
+
+    return target
+
+
+def _here(env: "TabletopEnv") -> np.ndarray:
+    return env.gripper_pos()
+
+
 def _grasp() -> list[Waypoint]:
     return [
         Waypoint(_above(HOVER_Z), OPEN, tol=0.012),
         Waypoint(_above(BLOCK_HALF), OPEN, tol=0.006),
         Waypoint(_above(BLOCK_HALF), CLOSE, tol=0.01, wait=3),
+    ]
+
+
+def _release(target: Callable[["TabletopEnv"], np.ndarray], drop_z: float) -> list[Waypoint]:
+    """Carry the held object over `target` (an xy), lower it to `drop_z`, open and back off upward."""
+
+    def at(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
+        return lambda env: np.array([*target(env)[:2], z])
+
+    return [
+        Waypoint(_at_start(TRANSPORT_Z), CLOSE, tol=0.02),
+        Waypoint(at(TRANSPORT_Z), CLOSE, tol=0.015),
+        Waypoint(at(drop_z), CLOSE, tol=0.008),
+        Waypoint(at(drop_z), OPEN, tol=0.02, wait=2),
+        Waypoint(at(CARRY_Z), OPEN),
     ]
 
 
@@ -126,20 +165,30 @@ class LiftExpert(WaypointExpert):
 
 
 class PushExpert(WaypointExpert):
-    BEHIND = 0.075  # tcp starts this far behind the block centre (closed pads are 1 cm thick)
+    """Pushes along the episode's direction (forward by default) with closed fingers."""
+
+    BEHIND = 0.075  # tcp starts this far behind the object centre (closed pads are 1 cm thick)
 
     def waypoints(self) -> list[Waypoint]:
+        from envs.tasks import DIRECTIONS
+
+        d = np.array([*DIRECTIONS[self.env.episode.direction or "forward"], 0.0])
+        # Sideways pushes hit the object with the pads' 3.6 cm faces instead of their edges.
+        behind_dist = self.BEHIND if d[1] else 0.045
+
         def behind(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
             def target(env: "TabletopEnv") -> np.ndarray:
-                p = env.block_pos(env.target_color)
-                return np.array([p[0], p[1] - self.BEHIND, z])
+                p = env.object_pos(env.target) - d * behind_dist
+                return np.array([p[0], p[1], z])
 
             return target
 
         def through(env: "TabletopEnv") -> np.ndarray:
-            # Aim past the success distance, tracking the block's sideways drift.
-            p, start = env.block_pos(env.target_color), env.block_start_pos(env.target_color)
-            return np.array([p[0], start[1] + 0.12 - BLOCK_HALF - 0.01, BLOCK_HALF])
+            # Aim past the success distance along d, tracking the object's sideways drift.
+            p, start = env.object_pos(env.target), env.object_start_pos(env.target)
+            along = start + d * (0.12 - behind_dist + 0.075 - BLOCK_HALF - 0.01)
+            goal = np.where(d != 0, along, p)
+            return np.array([goal[0], goal[1], BLOCK_HALF])
 
         return [
             Waypoint(behind(HOVER_Z), CLOSE, tol=0.012),
@@ -150,13 +199,44 @@ class PushExpert(WaypointExpert):
 
 class PlaceExpert(WaypointExpert):
     def waypoints(self) -> list[Waypoint]:
-        release_z = TRAY_FLOOR_TOP + BLOCK_HALF + 0.01
+        return _grasp() + _release(_above_tray(0.0), TRAY_FLOOR_TOP + BLOCK_HALF + 0.01)
+
+
+class PadExpert(WaypointExpert):
+    def waypoints(self) -> list[Waypoint]:
+        return _grasp() + _release(_above_pad(0.0), BLOCK_HALF + 0.008)
+
+
+class StackExpert(WaypointExpert):
+    def waypoints(self) -> list[Waypoint]:
+        return _grasp() + _release(_above_base(0.0), 3 * BLOCK_HALF + 0.008)
+
+
+class CueTouchExpert(WaypointExpert):
+    """Holds still until the go light, then touches the object whose colour the cue showed."""
+
+    def waypoints(self) -> list[Waypoint]:
+        from envs.tasks import GO_STEP
+
+        return [
+            Waypoint(_here, OPEN, tol=1.0, wait=GO_STEP, hold=True),
+            Waypoint(_above(HOVER_Z), OPEN, tol=0.012),
+            Waypoint(_above(BLOCK_HALF + 0.01), OPEN),
+        ]
+
+
+class PutBackExpert(WaypointExpert):
+    """Lifts the object, holds it over the tray until the go light, then sets it down where it was."""
+
+    def waypoints(self) -> list[Waypoint]:
         return _grasp() + [
-            Waypoint(_at_start(TRANSPORT_Z), CLOSE, tol=0.02),
-            Waypoint(_above_tray(TRANSPORT_Z), CLOSE, tol=0.015),
-            Waypoint(_above_tray(release_z), CLOSE, tol=0.008),
-            Waypoint(_above_tray(release_z), OPEN, tol=0.02, wait=2),
-            Waypoint(_above_tray(CARRY_Z), OPEN),
+            Waypoint(_at_start(TRANSPORT_Z + 0.03), CLOSE, tol=0.02),
+            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=0.015),
+            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=1.0, until=lambda env: env.task_state.get("go", False)),
+            Waypoint(_at_start(TRANSPORT_Z), CLOSE, tol=0.012),
+            Waypoint(_at_start(BLOCK_HALF + 0.005), CLOSE, tol=0.008),
+            Waypoint(_at_start(BLOCK_HALF + 0.005), OPEN, tol=0.02, wait=2),
+            Waypoint(_at_start(CARRY_Z), OPEN),
         ]
 
 
