@@ -33,7 +33,7 @@ TRAY_INNER_HALF = 0.07  # inner half-width of the square tray: wider than the op
 TRAY_WALL = 0.006  # wall half-thickness
 TRAY_WALL_HEIGHT = 0.03
 TRAY_FLOOR_TOP = 0.006
-LAMP_POS = np.array([-0.30, 0.30, 0.06])  # cue lamp: back-left corner, on a post
+LAMP_POS = np.array([-0.24, 0.30, 0.06])  # cue lamp: back-left corner, on a post
 LAMP_DARK = (0.08, 0.08, 0.08)
 
 # Box the tcp is kept in: above the table (fingertips 5 mm clear) and inside the camera view.
@@ -224,7 +224,7 @@ def build_mjcf() -> str:
     <geom name="floor" type="plane" size="2 2 0.1" pos="0 0 -0.75" rgba="0.3 0.3 0.33 1"/>
     <geom name="table" type="box" size="0.4 0.36 0.02" pos="0 0.02 -0.02" material="tabletop"
           friction="0.6 0.005 0.0001"/>
-    <camera name="front" pos="0 -0.78 0.62" xyaxes="1 0 0 0 0.62 0.785" fovy="36"/>
+    <camera name="front" pos="0 -0.78 0.62" xyaxes="1 0 0 0 0.62 0.785" fovy="31"/>
 {_arm()}
 {_objects()}
 {_tray()}

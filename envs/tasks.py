@@ -195,10 +195,11 @@ def _lane_clear(objects: dict[str, np.ndarray], tray: np.ndarray, pads: dict[str
     d = DIRECTIONS[ep.direction or "forward"]
     side = np.array([-d[1], d[0]])
     start = objects[ep.target]
-    others = [(xy, 0.085) for s, xy in objects.items() if s != ep.target] + [(tray, 0.15)]
-    for xy, half_width in others:
+    # (centre, half-width across the lane, how far it reaches along it): the tray is 16 cm wide.
+    others = [(xy, 0.085, 0.0) for s, xy in objects.items() if s != ep.target] + [(tray, 0.15, 0.08)]
+    for xy, half_width, extent in others:
         rel = xy - start
-        if abs(rel @ side) < half_width and -0.12 < rel @ d < 0.20:
+        if abs(rel @ side) < half_width and -0.12 - extent < rel @ d < 0.20 + extent:
             return False
     goal = start + d * 0.13
     return bool(-0.26 < goal[0] < 0.26 and goal[1] < 0.22)  # room ahead on the table
