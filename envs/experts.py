@@ -23,6 +23,7 @@ GAIN = 0.8  # fraction of the remaining error covered per step: < 1 avoids overs
 HOVER_Z = 0.08  # fingertips clear the blocks at this tcp height
 CARRY_Z = 0.15
 TRANSPORT_Z = 0.10  # a held block's bottom clears the other blocks and the tray walls
+REGRASP_AFTER = 3  # steps the fingers get to close before a missed grasp is declared
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Waypoint:
     wait: int = 0  # ... and at least this many steps were spent here (fingers closing/opening)
     until: Callable[["TabletopEnv"], bool] | None = None  # ... and this holds (e.g. a go signal)
     hold: bool = False  # stand still (zero displacement) while here
+    holding: bool = False  # the target must be in the closed fingers here; if it is not, start over
 
 
 class WaypointExpert:
@@ -51,6 +53,10 @@ class WaypointExpert:
         """Forget the current episode; the next act() plans afresh."""
         self._plan: list[Waypoint] | None = None
 
+    def _lost_grip(self) -> bool:
+        # Fingers (nearly) shut on nothing: an object between the pads keeps them >= 40% open.
+        return self.env.gripper_opening() < 0.15 and not self.env.grasped(self.env.target)
+
     def act(self, timestep: dm_env.TimeStep) -> np.ndarray:
         if timestep.first() or self._plan is None:
             self._phase, self._steps_in_phase = 0, 0
@@ -61,6 +67,10 @@ class WaypointExpert:
         env = self.env
         tcp = env.gripper_pos()
         wp = self._plan[self._phase]
+        if wp.holding and self._steps_in_phase >= REGRASP_AFTER and self._lost_grip():
+            # The object slipped out or was never caught: reopen and grasp again from above.
+            self._phase, self._steps_in_phase = 0, 0
+            wp = self._plan[0]
         goal = wp.target(env)
         if (
             self._phase < len(self._plan) - 1
@@ -131,11 +141,16 @@ def _here(env: "TabletopEnv") -> np.ndarray:
     return env.gripper_pos()
 
 
+def _go(env: "TabletopEnv") -> bool:
+    return bool(env.task_state.get("go", False))
+
+
 def _grasp() -> list[Waypoint]:
     return [
         Waypoint(_above(HOVER_Z), OPEN, tol=0.012),
         Waypoint(_above(BLOCK_HALF), OPEN, tol=0.006),
-        Waypoint(_above(BLOCK_HALF), CLOSE, tol=0.01, wait=3),
+        # Close in place: chasing the object while the pads squeeze it would push it around.
+        Waypoint(_above(BLOCK_HALF), CLOSE, tol=1.0, wait=3, hold=True, holding=True),
     ]
 
 
@@ -146,9 +161,9 @@ def _release(target: Callable[["TabletopEnv"], np.ndarray], drop_z: float) -> li
         return lambda env: np.array([*target(env)[:2], z])
 
     return [
-        Waypoint(_at_start(TRANSPORT_Z), CLOSE, tol=0.02),
-        Waypoint(at(TRANSPORT_Z), CLOSE, tol=0.015),
-        Waypoint(at(drop_z), CLOSE, tol=0.008),
+        Waypoint(_at_start(TRANSPORT_Z), CLOSE, tol=0.02, holding=True),
+        Waypoint(at(TRANSPORT_Z), CLOSE, tol=0.015, holding=True),
+        Waypoint(at(drop_z), CLOSE, tol=0.008, holding=True),
         Waypoint(at(drop_z), OPEN, tol=0.02, wait=2),
         Waypoint(at(CARRY_Z), OPEN),
     ]
@@ -161,7 +176,7 @@ class ReachExpert(WaypointExpert):
 
 class LiftExpert(WaypointExpert):
     def waypoints(self) -> list[Waypoint]:
-        return _grasp() + [Waypoint(_at_start(CARRY_Z), CLOSE)]
+        return _grasp() + [Waypoint(_at_start(CARRY_Z), CLOSE, holding=True)]
 
 
 class PushExpert(WaypointExpert):
@@ -230,11 +245,11 @@ class PutBackExpert(WaypointExpert):
 
     def waypoints(self) -> list[Waypoint]:
         return _grasp() + [
-            Waypoint(_at_start(TRANSPORT_Z + 0.03), CLOSE, tol=0.02),
-            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=0.015),
-            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=1.0, until=lambda env: env.task_state.get("go", False)),
-            Waypoint(_at_start(TRANSPORT_Z), CLOSE, tol=0.012),
-            Waypoint(_at_start(BLOCK_HALF + 0.005), CLOSE, tol=0.008),
+            Waypoint(_at_start(TRANSPORT_Z + 0.03), CLOSE, tol=0.02, holding=True),
+            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=0.015, holding=True),
+            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=1.0, until=_go, holding=True),
+            Waypoint(_at_start(TRANSPORT_Z), CLOSE, tol=0.012, holding=True),
+            Waypoint(_at_start(BLOCK_HALF + 0.005), CLOSE, tol=0.008, holding=True),
             Waypoint(_at_start(BLOCK_HALF + 0.005), OPEN, tol=0.02, wait=2),
             Waypoint(_at_start(CARRY_Z), OPEN),
         ]

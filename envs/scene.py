@@ -129,7 +129,7 @@ def _hand() -> str:
     # Fingers slide along the hand's y axis; joint value = distance of the pad's inner face
     # from the centre line, so the opening is readable straight from qpos.
     finger = (
-        'type="box" size="0.018 0.005 0.022" friction="1.5 0.02 0.002" condim="4" '
+        'type="box" size="0.022 0.005 0.022" friction="1.5 0.02 0.002" condim="4" '
         'rgba="0.25 0.25 0.28 1" mass="0.02"'
     )
     return f"""
@@ -141,11 +141,11 @@ def _hand() -> str:
                         mass="0.2" contype="0" conaffinity="0"/>
                   <camera name="wrist" pos="0 0 0.03" xyaxes="1 0 0 0 1 0" fovy="75"/>
                   <body name="finger_left" gravcomp="1">
-                    <joint name="finger_left" type="slide" axis="0 1 0" range="0 {FINGER_OPEN}" damping="2"/>
+                    <joint name="finger_left" type="slide" axis="0 1 0" range="0 {FINGER_OPEN}" damping="30"/>
                     <geom name="finger_left" {finger} pos="0 0.005 0.012"/>
                   </body>
                   <body name="finger_right" gravcomp="1">
-                    <joint name="finger_right" type="slide" axis="0 -1 0" range="0 {FINGER_OPEN}" damping="2"/>
+                    <joint name="finger_right" type="slide" axis="0 -1 0" range="0 {FINGER_OPEN}" damping="30"/>
                     <geom name="finger_right" {finger} pos="0 -0.005 0.012"/>
                   </body>
                 </body>"""
@@ -193,7 +193,7 @@ def _actuators() -> str:
         for j, kp in zip(ARM_JOINTS, JOINT_KP)
     ]
     lines += [
-        f'    <position name="finger_{s}" joint="finger_{s}" kp="150" ctrlrange="0 {FINGER_OPEN}"/>'
+        f'    <position name="finger_{s}" joint="finger_{s}" kp="400" ctrlrange="0 {FINGER_OPEN}"/>'
         for s in ("left", "right")
     ]
     return "\n".join(lines)
