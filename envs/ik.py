@@ -36,6 +36,7 @@ class DampedLeastSquaresIK:
         self.max_joint_step = max_joint_step
         # Metres and radians weighed against each other: 0.3 means 1 rad of tilt counts as 30 cm.
         self.rotation_weight = rotation_weight
+        self._damping_eye = (damping**2) * np.eye(6)
         self._jacp = np.zeros((3, model.nv))
         self._jacr = np.zeros((3, model.nv))
 
@@ -47,8 +48,10 @@ class DampedLeastSquaresIK:
 
     def pose_error(self, q: np.ndarray, pos: np.ndarray, rot: np.ndarray) -> np.ndarray:
         p, r = self.forward(q)
-        # Small-angle rotation vector (world frame) that takes r to rot.
-        w = 0.5 * np.cross(r.T, rot.T).sum(axis=0)
+        # Rotation vector (world frame, small-angle) taking r to rot: 0.5 * sum_i r_i x rot_i,
+        # written as the vee of the skew part of rot r^T (cheaper than np.cross in a loop).
+        m = rot @ r.T
+        w = 0.5 * np.array([m[2, 1] - m[1, 2], m[0, 2] - m[2, 0], m[1, 0] - m[0, 1]])
         return np.concatenate([pos - p, w])
 
     def solve(self, q0: np.ndarray, pos: np.ndarray, rot: np.ndarray, iterations: int | None = None) -> np.ndarray:
@@ -62,8 +65,11 @@ class DampedLeastSquaresIK:
             mujoco.mj_jacSite(m, d, self._jacp, self._jacr, self.site)
             jac = np.vstack([self._jacp[:, self.dof_idx], self._jacr[:, self.dof_idx]]) * scale[:, None]
             e = e * scale
-            jjt = jac @ jac.T + (self.damping**2) * np.eye(6)
-            dq = jac.T @ np.linalg.solve(jjt, e)
+            jjt = jac @ jac.T + self._damping_eye
+            mujoco.mju_cholFactor(jjt, 0.0)
+            x = np.empty(6)
+            mujoco.mju_cholSolve(x, jjt, e)
+            dq = jac.T @ x
             dq *= min(1.0, self.max_joint_step / max(1e-9, float(np.abs(dq).max())))
             q = np.clip(q + dq, self.low, self.high)
         return q
