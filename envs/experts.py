@@ -35,6 +35,7 @@ class Waypoint:
     until: Callable[["TabletopEnv"], bool] | None = None  # ... and this holds (e.g. a go signal)
     hold: bool = False  # stand still (zero displacement) while here
     holding: bool = False  # the target must be in the closed fingers here; if it is not, start over
+    speed: float = 1.0  # largest |dx|, |dy|, |dz| action while heading here
 
 
 class WaypointExpert:
@@ -84,7 +85,7 @@ class WaypointExpert:
         self._steps_in_phase += 1
 
         move = np.zeros(3) if wp.hold else GAIN * (goal - tcp) / MAX_DELTA
-        move /= max(1.0, float(np.abs(move).max()))  # keep the direction when saturating
+        move *= min(1.0, wp.speed / max(1e-9, float(np.abs(move).max())))  # keep the direction when saturating
         done = env.success and not env.end_on_success
         low, high = env.action_spec().minimum, env.action_spec().maximum
         # The noise-free action for this state. With noise, the executed action is perturbed but this
@@ -188,8 +189,11 @@ class PushExpert(WaypointExpert):
         from envs.tasks import DIRECTIONS
 
         d = np.array([*DIRECTIONS[self.env.episode.direction or "forward"], 0.0])
-        # Sideways pushes hit the object with the pads' 3.6 cm faces instead of their edges.
-        behind_dist = self.BEHIND if d[1] else 0.045
+        # Sideways pushes use the closed fingers' narrow (2 cm) edge: start closer and push slower,
+        # so the servo keeps the edge behind a cylinder that tends to roll off it.
+        sideways = d[1] == 0
+        behind_dist = 0.045 if sideways else self.BEHIND
+        push_speed = 0.5 if sideways else 1.0
 
         def behind(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
             def target(env: "TabletopEnv") -> np.ndarray:
@@ -208,7 +212,7 @@ class PushExpert(WaypointExpert):
         return [
             Waypoint(behind(HOVER_Z), CLOSE, tol=0.012),
             Waypoint(behind(BLOCK_HALF), CLOSE, tol=0.008),
-            Waypoint(through, CLOSE),
+            Waypoint(through, CLOSE, speed=push_speed),
         ]
 
 
