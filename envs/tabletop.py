@@ -431,17 +431,21 @@ def _make_renderer(model: mujoco.MjModel, size: int) -> mujoco.Renderer:
 
 
 def benchmark_env(task: str = "lift", steps: int = 1000, render: bool = False, image_size: int = 64) -> dict:
-    """Control steps per second with random actions (episodes reset as they end)."""
+    """Control steps per second with random actions (episodes reset as they end).
+
+    Also reports CPU seconds of this process (all its threads, llvmpipe's included): on a shared
+    machine wall-clock rates swing with other jobs, CPU-time rates much less.
+    """
     env = TabletopEnv(task, image_size=image_size, seed=0, render=render)
     try:
         rng = np.random.default_rng(0)
         actions = rng.uniform(ACTION_MIN, ACTION_MAX, size=(steps, 5)).astype(np.float32)
         actions[:, 4] = 0.0  # never terminate early, so resets stay rare
         env.reset(seed=0)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for a in actions:
             env.step(a)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         env.close()
     return {
@@ -451,4 +455,29 @@ def benchmark_env(task: str = "lift", steps: int = 1000, render: bool = False, i
         "image_size": image_size,
         "seconds": seconds,
         "steps_per_s": steps / seconds,
+        "cpu_seconds": cpu_seconds,
+        "steps_per_cpu_s": steps / max(cpu_seconds, 1e-9),
+    }
+
+
+def benchmark_render(image_size: int = 96, frames: int = 500, camera: str = "front", task: str = "lift") -> dict:
+    """Rendered frames per second (render only, scene fixed after one reset)."""
+    env = TabletopEnv(task, image_size=image_size, camera=camera, seed=0, render=True)
+    try:
+        env.reset(seed=0)
+        env.render()  # warm-up: first frame allocates buffers
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(frames):
+            env.render()
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        env.close()
+    return {
+        "camera": camera,
+        "image_size": image_size,
+        "frames": frames,
+        "seconds": seconds,
+        "frames_per_s": frames / seconds,
+        "cpu_seconds": cpu_seconds,
+        "frames_per_cpu_s": frames / max(cpu_seconds, 1e-9),
     }

@@ -416,3 +416,12 @@ def test_measure_experts_cli(tmp_path, capsys):
     assert "reach" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         measure_experts.main(["--tasks", "juggle"])
+
+
+def test_benchmarks_report_rates():
+    from envs.tabletop import benchmark_env, benchmark_render
+
+    steps = benchmark_env("cue_touch", steps=10, render=False)
+    assert steps["steps"] == 10 and steps["steps_per_s"] > 0 and steps["steps_per_cpu_s"] > 0
+    frames = benchmark_render(image_size=24, frames=5, camera="wrist")
+    assert frames["frames"] == 5 and frames["frames_per_s"] > 0 and frames["camera"] == "wrist"
