@@ -90,7 +90,8 @@ class WaypointExpert:
         low, high = env.action_spec().minimum, env.action_spec().maximum
         # The noise-free action for this state. With noise, the executed action is perturbed but this
         # is what a demonstration should record (DART): recoveries are shown, the noise is not taught.
-        self.clean_action = np.clip(np.concatenate([move, [wp.gripper, 1.0 if done else 0.0]]), low, high).astype(np.float32)
+        clean = np.concatenate([move, [wp.gripper, 1.0 if done else 0.0]])
+        self.clean_action = np.clip(clean, low, high).astype(np.float32)
         if self.noise <= 0:
             return self.clean_action.copy()
         noisy = self.clean_action.copy()

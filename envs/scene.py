@@ -132,11 +132,13 @@ def _hand() -> str:
         'type="box" size="0.022 0.005 0.022" friction="1.5 0.02 0.002" condim="4" '
         'rgba="0.25 0.25 0.28 1" mass="0.02"'
     )
+    lo, hi = JOINT_RANGE["tool_roll"]
     return f"""
                 <body name="gripper" gravcomp="1" pos="0 0 {-WRIST_TO_TCP}">
-                  <joint name="tool_roll" axis="0 0 1" range="{JOINT_RANGE['tool_roll'][0]} {JOINT_RANGE['tool_roll'][1]}"/>
+                  <joint name="tool_roll" axis="0 0 1" range="{lo} {hi}"/>
                   <site name="tcp" size="0.006" rgba="1 1 0 0"/>
-                  <geom name="palm" type="box" size="0.02 0.06 0.01" pos="0 0 0.045" rgba="0.35 0.35 0.38 1" mass="0.3"/>
+                  <geom name="palm" type="box" size="0.02 0.06 0.01" pos="0 0 0.045" rgba="0.35 0.35 0.38 1"
+                        mass="0.3"/>
                   <geom name="flange" type="cylinder" size="0.03 0.05" pos="0 0 0.105" rgba="0.6 0.6 0.62 1"
                         mass="0.2" contype="0" conaffinity="0"/>
                   <camera name="wrist" pos="0 0 0.03" xyaxes="1 0 0 0 1 0" fovy="75"/>

@@ -65,9 +65,14 @@ def _settle(env, steps=10):
 def test_suite_size_and_instructions():
     assert len(ALL_TASKS) >= 10 and len(MEMORY_TASKS) >= 2
     assert {"reach", "lift", "push", "place"} <= set(ALL_TASKS)
+    from envs.gym_wrapper import INSTRUCTION_CHARSET
+
     for name, task in TASKS.items():
         assert len(task.templates) >= 4, name
         assert len(set(task.templates)) == len(task.templates), name
+        # Filled-in instructions must fit the gymnasium Text space.
+        for t in task.templates:
+            assert set(t.replace("{", "").replace("}", "").replace("_", "")) <= set(INSTRUCTION_CHARSET), t
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)
