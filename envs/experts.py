@@ -36,6 +36,7 @@ class Waypoint:
     hold: bool = False  # stand still (zero displacement) while here
     holding: bool = False  # the target must be in the closed fingers here; if it is not, start over
     speed: float = 1.0  # largest |dx|, |dy|, |dz| action while heading here
+    abort: Callable[["TabletopEnv"], bool] | None = None  # if true here, start the plan over
 
 
 class WaypointExpert:
@@ -68,8 +69,9 @@ class WaypointExpert:
         env = self.env
         tcp = env.gripper_pos()
         wp = self._plan[self._phase]
-        if wp.holding and self._steps_in_phase >= REGRASP_AFTER and self._lost_grip():
-            # The object slipped out or was never caught: reopen and grasp again from above.
+        lost = wp.holding and self._steps_in_phase >= REGRASP_AFTER and self._lost_grip()
+        if lost or (wp.abort is not None and wp.abort(env)):
+            # The object slipped out or was never caught (or the push lost contact): start over.
             self._phase, self._steps_in_phase = 0, 0
             wp = self._plan[0]
         goal = wp.target(env)
@@ -160,7 +162,12 @@ def _release(target: Callable[["TabletopEnv"], np.ndarray], drop_z: float) -> li
     """Carry the held object over `target` (an xy), lower it to `drop_z`, open and back off upward."""
 
     def at(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
-        return lambda env: np.array([*target(env)[:2], z])
+        def goal(env: "TabletopEnv") -> np.ndarray:
+            # Put the object, not the tcp, over the target: it may sit off-centre in the grip.
+            offset = (env.gripper_pos() - env.object_pos(env.target))[:2] if env.grasped(env.target) else 0.0
+            return np.array([*(target(env)[:2] + offset), z])
+
+        return goal
 
     return [
         Waypoint(_at_start(TRANSPORT_Z), CLOSE, tol=0.02, holding=True),
@@ -210,10 +217,15 @@ class PushExpert(WaypointExpert):
             goal = np.where(d != 0, along, p)
             return np.array([goal[0], goal[1], BLOCK_HALF])
 
+        def lost_contact(env: "TabletopEnv") -> bool:
+            # The fingers rode over the object or it slid off their edge: back off and line up again.
+            rel = (env.object_pos(env.target) - env.gripper_pos())[:2]
+            return bool(rel @ d[:2] < 0.01 or abs(rel @ np.array([-d[1], d[0]])) > 0.03)
+
         return [
             Waypoint(behind(HOVER_Z), CLOSE, tol=0.012),
             Waypoint(behind(BLOCK_HALF), CLOSE, tol=0.008),
-            Waypoint(through, CLOSE, speed=push_speed),
+            Waypoint(through, CLOSE, speed=push_speed, abort=lost_contact),
         ]
 
 
