@@ -23,6 +23,7 @@ GAIN = 0.8  # fraction of the remaining error covered per step: < 1 avoids overs
 HOVER_Z = 0.08  # fingertips clear the blocks at this tcp height
 CARRY_Z = 0.15
 TRANSPORT_Z = 0.10  # a held block's bottom clears the other blocks and the tray walls
+HANDLE_GRIP_Z = 0.03  # fingertips below the handle bar, palm above the drawer front
 REGRASP_AFTER = 3  # steps the fingers get to close before a missed grasp is declared
 
 
@@ -242,6 +243,52 @@ class PadExpert(WaypointExpert):
 class StackExpert(WaypointExpert):
     def waypoints(self) -> list[Waypoint]:
         return _grasp() + _release(_above_base(0.0), 3 * BLOCK_HALF + 0.008)
+
+
+class OpenDrawerExpert(WaypointExpert):
+    """Drops the closed fingers between the handle bar and the drawer front, then pulls toward the camera."""
+
+    def waypoints(self) -> list[Waypoint]:
+        from envs.scene import CABINET_FRONT_Y, HANDLE_Y
+
+        gap = (CABINET_FRONT_Y - HANDLE_Y) / 2  # bar centre to the middle of the gap
+
+        def in_gap(z: float, pull: float = 0.0) -> Callable[["TabletopEnv"], np.ndarray]:
+            def target(env: "TabletopEnv") -> np.ndarray:
+                h = env.handle_pos()
+                return np.array([h[0], h[1] + gap - pull, z])
+
+            return target
+
+        return [
+            Waypoint(in_gap(HOVER_Z), CLOSE, tol=0.01),
+            Waypoint(in_gap(HANDLE_GRIP_Z), CLOSE, tol=0.006),
+            Waypoint(in_gap(HANDLE_GRIP_Z, pull=0.04), CLOSE),
+        ]
+
+
+class CloseDrawerExpert(WaypointExpert):
+    """Comes down in front of the handle bar and pushes the drawer back in."""
+
+    def waypoints(self) -> list[Waypoint]:
+        from envs.scene import HANDLE_Y
+
+        def before_bar(z: float) -> Callable[["TabletopEnv"], np.ndarray]:
+            def target(env: "TabletopEnv") -> np.ndarray:
+                h = env.handle_pos()
+                return np.array([h[0], h[1] - 0.03, z])
+
+            return target
+
+        def shut(env: "TabletopEnv") -> np.ndarray:
+            h = env.handle_pos()
+            return np.array([h[0], max(h[1], HANDLE_Y) + 0.0, HANDLE_GRIP_Z])
+
+        return [
+            Waypoint(before_bar(HOVER_Z), CLOSE, tol=0.01),
+            Waypoint(before_bar(HANDLE_GRIP_Z), CLOSE, tol=0.008),
+            Waypoint(shut, CLOSE),
+        ]
 
 
 class CueTouchExpert(WaypointExpert):

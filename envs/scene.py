@@ -36,6 +36,17 @@ TRAY_FLOOR_TOP = 0.006
 LAMP_POS = np.array([-0.24, 0.30, 0.06])  # cue lamp: back-left corner, on a post
 LAMP_DARK = (0.08, 0.08, 0.08)
 
+# Drawer cabinet at the back right: closed drawer front at y = CABINET_FRONT_Y, the handle bar
+# HANDLE_GAP in front of it (room for the closed fingers between bar and front), opens along -y.
+CABINET_XY = np.array([0.24, 0.30])
+CABINET_FRONT_Y = 0.22
+HANDLE_Y = 0.175  # bar centre line when closed
+HANDLE_Z = 0.035
+DRAWER_TRAVEL = 0.12
+# Objects, pads and the tray keep out of this xy box (the open drawer, its handle and the hand's approach).
+DRAWER_KEEPOUT_LOW = np.array([0.15, 0.03])
+DRAWER_KEEPOUT_HIGH = np.array([0.34, 0.40])
+
 # Box the tcp is kept in: above the table (fingertips 5 mm clear) and inside the camera view.
 WORKSPACE_LOW = np.array([-0.28, -0.22, 0.015])
 WORKSPACE_HIGH = np.array([0.28, 0.26, 0.30])
@@ -122,6 +133,40 @@ def _lamp() -> str:
     <body name="lamp" pos="{x} {y} 0">
       <geom type="cylinder" size="0.008 {z / 2}" pos="0 0 {z / 2}" rgba="0.3 0.3 0.32 1" contype="0" conaffinity="0"/>
       <geom name="lamp" type="sphere" size="0.03" pos="0 0 {z}" rgba="{dark} 1" contype="0" conaffinity="0"/>
+    </body>"""
+
+
+def _cabinet() -> str:
+    """A static open-front cabinet with one drawer on a slide joint and a bar handle."""
+    cx, cy = CABINET_XY
+    hx, hy = 0.08, (0.38 - CABINET_FRONT_Y) / 2  # outer half sizes; back flush with the table edge
+    h = 0.08  # half height: tall enough that the hand's palm (6 cm deep) fits under the top at the handle
+    wall = 'rgba="0.45 0.47 0.52 1"'
+    front = CABINET_FRONT_Y - cy  # local y of the closed drawer front
+    return f"""
+    <body name="cabinet" pos="{cx} {cy} 0">
+      <geom type="box" size="{hx} {hy} 0.0025" pos="0 0 0.0025" {wall}/>
+      <geom type="box" size="{hx} {hy} 0.0025" pos="0 0 {2 * h - 0.0025}" {wall}/>
+      <geom type="box" size="0.0025 {hy} {h}" pos="{-hx + 0.0025} 0 {h}" {wall}/>
+      <geom type="box" size="0.0025 {hy} {h}" pos="{hx - 0.0025} 0 {h}" {wall}/>
+      <geom type="box" size="{hx} 0.0025 {h}" pos="0 {hy - 0.0025} {h}" {wall}/>
+      <body name="drawer" pos="0 0 0">
+        <joint name="drawer" type="slide" axis="0 -1 0" range="0 {DRAWER_TRAVEL}" damping="4" frictionloss="0.3"
+               armature="0.05"/>
+        <geom type="box" size="0.07 0.07 0.0025" pos="0 {front + 0.075} 0.01" rgba="0.80 0.62 0.40 1" mass="0.2"/>
+        <geom type="box" size="0.0025 0.07 0.022" pos="-0.0675 {front + 0.075} 0.032" rgba="0.80 0.62 0.40 1"/>
+        <geom type="box" size="0.0025 0.07 0.022" pos="0.0675 {front + 0.075} 0.032" rgba="0.80 0.62 0.40 1"/>
+        <geom type="box" size="0.07 0.0025 0.022" pos="0 {front + 0.145} 0.032" rgba="0.80 0.62 0.40 1"/>
+        <geom name="drawer_front" type="box" size="0.075 0.0025 0.03" pos="0 {front + 0.0025} 0.033"
+              rgba="0.62 0.40 0.22 1"/>
+        <geom name="handle" type="capsule" fromto="-0.05 {HANDLE_Y - cy} {HANDLE_Z} 0.05 {HANDLE_Y - cy} {HANDLE_Z}"
+              size="0.005" rgba="0.75 0.75 0.78 1"/>
+        <geom type="box" size="0.004 {(CABINET_FRONT_Y - HANDLE_Y) / 2} 0.004"
+              pos="-0.05 {(CABINET_FRONT_Y + HANDLE_Y) / 2 - cy} {HANDLE_Z}" rgba="0.75 0.75 0.78 1"/>
+        <geom type="box" size="0.004 {(CABINET_FRONT_Y - HANDLE_Y) / 2} 0.004"
+              pos="0.05 {(CABINET_FRONT_Y + HANDLE_Y) / 2 - cy} {HANDLE_Z}" rgba="0.75 0.75 0.78 1"/>
+        <site name="handle" pos="0 {HANDLE_Y - cy} {HANDLE_Z}" size="0.004" rgba="1 1 0 0"/>
+      </body>
     </body>"""
 
 
@@ -233,9 +278,11 @@ def build_mjcf() -> str:
 {_tray()}
 {_pads()}
 {_lamp()}
+{_cabinet()}
   </worldbody>
   <contact>
     <exclude body1="finger_left" body2="finger_right"/>
+    <exclude body1="cabinet" body2="drawer"/>
   </contact>
   <actuator>
 {_actuators()}

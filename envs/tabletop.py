@@ -21,6 +21,8 @@ from envs.scene import (
     ARM_JOINTS,
     BLOCK_HALF,
     COLORS,
+    DRAWER_KEEPOUT_HIGH,
+    DRAWER_KEEPOUT_LOW,
     FINGER_OPEN,
     MAX_DELTA,
     OBJECTS,
@@ -49,6 +51,8 @@ MAX_YAW = 0.3  # objects start roughly square to the fingers
 GRIPPER_DOWN = np.eye(3)  # hand frame = world frame: fingers point down, slide along y
 ARM_HOME = np.array([0.0, -0.9, 1.9, 0.0, -1.0, 0.0])  # elbow-up seed for the reset IK
 HIDDEN = np.array([0.0, 0.0, -0.2])  # unused pads sit under the table top
+# Keep-out radius around each placed thing's centre for the drawer box: tray, pad, object.
+TRAY_RADIUS, PAD_RADIUS, OBJECT_RADIUS = 0.085, 0.05, 0.03
 
 
 def task_names() -> list[str]:
@@ -113,6 +117,8 @@ class TabletopEnv(dm_env.Environment):
         self._pad_mocap = {p: m.body_mocapid[m.body(p).id] for p in PADS}
         self._pad_geom = {p: m.geom(p).id for p in PADS}
         self._lamp_geom = m.geom("lamp").id
+        self._drawer_qpos = m.joint("drawer").qposadr[0]
+        self._handle = m.site("handle").id
         self._finger_qpos = [m.joint(f"finger_{s}").qposadr[0] for s in ("left", "right")]
         self._finger_geoms = {m.geom(f"finger_{s}").id for s in ("left", "right")}
         self._obj_qpos = {s: m.joint(s).qposadr[0] for s in OBJECTS}
@@ -165,6 +171,7 @@ class TabletopEnv(dm_env.Environment):
             m.geom_rgba[self._pad_geom[p], :3] = RGB[self._pad_colors[p]]
             d.mocap_pos[self._pad_mocap[p]] = [*pads[p], 0.0] if p in pads else HIDDEN
         d.mocap_pos[self._tray_mocap] = [tray[0], tray[1], 0.0]
+        d.qpos[self._drawer_qpos] = self._task.drawer_start(rng)
         start = rng.uniform([-0.05, -0.14, 0.16], [0.05, -0.08, 0.20])
         self._tcp_target = start
         self._q_cmd = self.ik.solve(ARM_HOME, start, GRIPPER_DOWN, iterations=50)
@@ -308,6 +315,14 @@ class TabletopEnv(dm_env.Environment):
     def pad_pos(self, pad: str) -> np.ndarray:
         return self.data.mocap_pos[self._pad_mocap[pad]].copy()
 
+    def drawer_opening(self) -> float:
+        """How far the drawer is pulled out (m): 0 = closed."""
+        return float(self.data.qpos[self._drawer_qpos])
+
+    def handle_pos(self) -> np.ndarray:
+        """World position of the middle of the drawer's handle bar."""
+        return self.data.site_xpos[self._handle].copy()
+
     def lamp_rgb(self) -> np.ndarray:
         return self.model.geom_rgba[self._lamp_geom, :3].copy()
 
@@ -378,17 +393,19 @@ class TabletopEnv(dm_env.Environment):
         """Object, tray and pad centres (xy), non-overlapping, satisfying the task's constraint."""
         for _ in range(10_000):
             tray = rng.uniform(LAYOUT_LOW, LAYOUT_HIGH)
+            if not _clear_of_drawer(tray, TRAY_RADIUS):
+                continue
             placed: list[tuple[np.ndarray, float]] = [(tray, TRAY_GAP)]
             pads: dict[str, np.ndarray] = {}
             for p in PADS if self._task.uses_pads else ():
-                xy = _place(rng, placed, PAD_GAP)
+                xy = _place(rng, placed, PAD_GAP, PAD_RADIUS)
                 if xy is None:
                     break
                 pads[p] = xy
                 placed.append((xy, PAD_GAP))
             objects: dict[str, np.ndarray] = {}
             for s in OBJECTS:
-                xy = _place(rng, placed, BLOCK_GAP)
+                xy = _place(rng, placed, BLOCK_GAP, OBJECT_RADIUS)
                 if xy is None:
                     break
                 objects[s] = xy
@@ -399,10 +416,16 @@ class TabletopEnv(dm_env.Environment):
         raise RuntimeError(f"could not sample a layout for task {self._task.name!r}")
 
 
-def _place(rng: np.random.Generator, placed: list[tuple[np.ndarray, float]], gap: float) -> np.ndarray | None:
+def _clear_of_drawer(xy: np.ndarray, radius: float) -> bool:
+    return bool(np.any(xy + radius < DRAWER_KEEPOUT_LOW) or np.any(xy - radius > DRAWER_KEEPOUT_HIGH))
+
+
+def _place(
+    rng: np.random.Generator, placed: list[tuple[np.ndarray, float]], gap: float, radius: float
+) -> np.ndarray | None:
     for _ in range(100):
         xy = rng.uniform(LAYOUT_LOW, LAYOUT_HIGH)
-        if all(np.linalg.norm(xy - other) >= max(gap, other_gap) for other, other_gap in placed):
+        if _clear_of_drawer(xy, radius) and all(np.linalg.norm(xy - other) >= max(gap, other_gap) for other, other_gap in placed):
             return xy
     return None
 

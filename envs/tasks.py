@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from envs import experts
-from envs.scene import BLOCK_HALF, LAMP_DARK, OBJECTS, PAD_HALF, PADS, RGB, SHAPES, TRAY_FLOOR_TOP, TRAY_INNER_HALF
+from envs.scene import BLOCK_HALF, DRAWER_KEEPOUT_HIGH, DRAWER_KEEPOUT_LOW, LAMP_DARK, OBJECTS, PAD_HALF, PADS, RGB, SHAPES, TRAY_FLOOR_TOP, TRAY_INNER_HALF
 
 if TYPE_CHECKING:
     from envs.tabletop import TabletopEnv
@@ -39,6 +39,8 @@ GO_STEP = 12
 # put_back: the lamp turns white once the object was held over the tray for HOLD_STEPS steps.
 HOLD_STEPS = 8
 PUT_BACK_RADIUS = 0.03
+DRAWER_OPEN = 0.08  # open_drawer: pulled out at least this far (m); travel is 0.12
+DRAWER_CLOSED = 0.01  # close_drawer: pushed back to within this (starts 0.08-0.11 open)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Task:
     uses_pads: bool = False
     memory: bool = False
     lamp: Callable[["TabletopEnv"], tuple[float, float, float]] = lambda env: LAMP_DARK
+    drawer_start: Callable[[np.random.Generator], float] = lambda rng: 0.0  # drawer opening at reset (m)
 
 
 def describe(slot: str, colors: dict[str, str]) -> str:
@@ -161,6 +164,14 @@ def _put_back_lamp(env: "TabletopEnv") -> tuple[float, float, float]:
     return LAMP_WHITE if env.task_state.get("go", False) else LAMP_DARK
 
 
+def _drawer_open_success(env: "TabletopEnv") -> bool:
+    return env.drawer_opening() >= DRAWER_OPEN
+
+
+def _drawer_closed_success(env: "TabletopEnv") -> bool:
+    return env.drawer_opening() <= DRAWER_CLOSED
+
+
 # ---- episode choices and layout constraints ---------------------------------------------------
 
 
@@ -202,7 +213,8 @@ def _lane_clear(objects: dict[str, np.ndarray], tray: np.ndarray, pads: dict[str
         if abs(rel @ side) < half_width and -0.12 - extent < rel @ d < 0.20 + extent:
             return False
     goal = start + d * 0.13
-    return bool(-0.26 < goal[0] < 0.26 and goal[1] < 0.22)  # room ahead on the table
+    in_drawer_zone = bool(np.all(goal > DRAWER_KEEPOUT_LOW - 0.03) and np.all(goal < DRAWER_KEEPOUT_HIGH + 0.03))
+    return bool(-0.26 < goal[0] < 0.26 and goal[1] < 0.22) and not in_drawer_zone  # room ahead on the table
 
 
 TASKS: dict[str, Task] = {
@@ -326,6 +338,29 @@ TASKS: dict[str, Task] = {
             experts.PlaceExpert,
             max_steps=80,
             choose=_choose_cylinder,
+        ),
+        Task(
+            "open_drawer",
+            (
+                "open the drawer",
+                "pull the drawer open",
+                "pull out the drawer",
+                "slide the drawer open by its handle",
+            ),
+            _drawer_open_success,
+            experts.OpenDrawerExpert,
+        ),
+        Task(
+            "close_drawer",
+            (
+                "close the drawer",
+                "push the drawer shut",
+                "slide the drawer closed",
+                "push the open drawer back in",
+            ),
+            _drawer_closed_success,
+            experts.CloseDrawerExpert,
+            drawer_start=lambda rng: float(rng.uniform(0.08, 0.11)),
         ),
         Task(
             "cue_touch",

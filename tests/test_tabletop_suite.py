@@ -430,3 +430,28 @@ def test_benchmarks_report_rates():
     assert steps["steps"] == 10 and steps["steps_per_s"] > 0 and steps["steps_per_cpu_s"] > 0
     frames = benchmark_render(image_size=24, frames=5, camera="wrist")
     assert frames["frames"] == 5 and frames["frames_per_s"] > 0 and frames["camera"] == "wrist"
+
+
+def test_drawer_detectors_need_the_full_motion(make_env):
+    env = make_env("open_drawer")
+    env.reset(seed=0)
+    assert env.drawer_opening() == 0.0
+    q = env.model.joint("drawer").qposadr[0]
+    for opening, is_open in ((0.05, False), (0.1, True)):
+        env.data.qpos[q] = opening
+        mujoco.mj_forward(env.model, env.data)
+        assert TASKS["open_drawer"].success(env) is is_open
+        assert TASKS["close_drawer"].success(env) is False
+    env = make_env("close_drawer")
+    env.reset(seed=0)
+    assert 0.08 <= env.drawer_opening() <= 0.11 and not env.success
+
+
+def test_layouts_keep_out_of_the_drawer(make_env):
+    from envs.scene import DRAWER_KEEPOUT_HIGH, DRAWER_KEEPOUT_LOW
+
+    env = make_env("place_on_pad")
+    for seed in range(20):
+        env.reset(seed=seed)
+        for xy in [env.object_pos(s)[:2] for s in OBJECTS] + [env.tray_pos()[:2]] + [env.pad_pos(p)[:2] for p in PADS]:
+            assert not (np.all(xy > DRAWER_KEEPOUT_LOW) and np.all(xy < DRAWER_KEEPOUT_HIGH)), (seed, xy)
