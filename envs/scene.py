@@ -1,5 +1,5 @@
 """MJCF for the tabletop scene: a table, a 6-joint arm with a parallel-jaw gripper, three
-objects (two cubes and a cylinder), a tray, two coloured pads and a cue lamp.
+objects (two cubes and a cylinder), a tray, two coloured pads, a drawer cabinet and a cue lamp.
 
 Frame convention: the table top is the plane z = 0, +y points away from the "front" camera
 ("forward"), +x to its right. The arm stands on a pedestal behind the table (+y) and reaches

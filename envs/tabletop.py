@@ -425,7 +425,8 @@ def _place(
 ) -> np.ndarray | None:
     for _ in range(100):
         xy = rng.uniform(LAYOUT_LOW, LAYOUT_HIGH)
-        if _clear_of_drawer(xy, radius) and all(np.linalg.norm(xy - other) >= max(gap, other_gap) for other, other_gap in placed):
+        apart = all(np.linalg.norm(xy - other) >= max(gap, other_gap) for other, other_gap in placed)
+        if apart and _clear_of_drawer(xy, radius):
             return xy
     return None
 

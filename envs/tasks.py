@@ -16,7 +16,19 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from envs import experts
-from envs.scene import BLOCK_HALF, DRAWER_KEEPOUT_HIGH, DRAWER_KEEPOUT_LOW, LAMP_DARK, OBJECTS, PAD_HALF, PADS, RGB, SHAPES, TRAY_FLOOR_TOP, TRAY_INNER_HALF
+from envs.scene import (
+    BLOCK_HALF,
+    DRAWER_KEEPOUT_HIGH,
+    DRAWER_KEEPOUT_LOW,
+    LAMP_DARK,
+    OBJECTS,
+    PAD_HALF,
+    PADS,
+    RGB,
+    SHAPES,
+    TRAY_FLOOR_TOP,
+    TRAY_INNER_HALF,
+)
 
 if TYPE_CHECKING:
     from envs.tabletop import TabletopEnv
