@@ -71,7 +71,7 @@ def _task(task: str) -> Task:
 
 
 class TabletopEnv(dm_env.Environment):
-    """A 6-joint arm with a gripper, two cubes, a cylinder, a tray, pads and a cue lamp; one task per env.
+    """A 6-joint arm with a gripper, two cubes, a cylinder, a tray, pads, a drawer and a cue lamp; one task per env.
 
     Reward is sparse: 1.0 on the final step of a successful episode, else 0.
     """
