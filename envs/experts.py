@@ -38,6 +38,7 @@ class Waypoint:
     holding: bool = False  # the target must be in the closed fingers here; if it is not, start over
     speed: float = 1.0  # largest |dx|, |dy|, |dz| action while heading here
     abort: Callable[["TabletopEnv"], bool] | None = None  # if true here, start the plan over
+    skip: Callable[["TabletopEnv"], bool] | None = None  # passed over when true on arrival (re-plans)
 
 
 class WaypointExpert:
@@ -55,6 +56,12 @@ class WaypointExpert:
     def reset(self) -> None:
         """Forget the current episode; the next act() plans afresh."""
         self._plan: list[Waypoint] | None = None
+
+    def _skip_done(self) -> Waypoint:
+        """The current waypoint, after passing over those whose `skip` holds (e.g. after a regrasp)."""
+        while self._phase < len(self._plan) - 1 and (s := self._plan[self._phase].skip) is not None and s(self.env):
+            self._phase += 1
+        return self._plan[self._phase]
 
     def _lost_grip(self) -> bool:
         # Fingers (nearly) shut on nothing: an object between the pads keeps them >= 40% open.
@@ -74,7 +81,7 @@ class WaypointExpert:
         if lost or (wp.abort is not None and wp.abort(env)):
             # The object slipped out or was never caught (or the push lost contact): start over.
             self._phase, self._steps_in_phase = 0, 0
-            wp = self._plan[0]
+            wp = self._skip_done()
         goal = wp.target(env)
         if (
             self._phase < len(self._plan) - 1
@@ -83,7 +90,7 @@ class WaypointExpert:
             and (wp.until is None or wp.until(env))
         ):
             self._phase, self._steps_in_phase = self._phase + 1, 0
-            wp = self._plan[self._phase]
+            wp = self._skip_done()
             goal = wp.target(env)
         self._steps_in_phase += 1
 
@@ -309,9 +316,10 @@ class PutBackExpert(WaypointExpert):
 
     def waypoints(self) -> list[Waypoint]:
         return _grasp() + [
-            Waypoint(_at_start(TRANSPORT_Z + 0.03), CLOSE, tol=0.02, holding=True),
-            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=0.015, holding=True),
-            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=1.0, until=_go, holding=True),
+            # After a regrasp that follows the go light, go straight back to the start spot.
+            Waypoint(_at_start(TRANSPORT_Z + 0.03), CLOSE, tol=0.02, holding=True, skip=_go),
+            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=0.015, holding=True, skip=_go),
+            Waypoint(_above_tray(TRANSPORT_Z + 0.03), CLOSE, tol=1.0, until=_go, holding=True, skip=_go),
             Waypoint(_at_start(TRANSPORT_Z), CLOSE, tol=0.012, holding=True),
             Waypoint(_at_start(BLOCK_HALF + 0.005), CLOSE, tol=0.008, holding=True),
             Waypoint(_at_start(BLOCK_HALF + 0.005), OPEN, tol=0.02, wait=2),
