@@ -57,7 +57,8 @@ def action_names(name: str) -> tuple[str, ...]:
 
 
 def list_tasks(name: str = "tabletop") -> dict[str, list[str]]:
-    """Task name -> instructions (tabletop: templates with a {color} slot; Meta-World: sentences)."""
+    """Task name -> instructions (tabletop: templates with slots such as {obj}, {pad}, {direction}; memory tasks
+    name no answer; Meta-World: sentences)."""
     if env_family(name) == "tabletop":
         return {t.name: list(t.templates) for t in TASKS.values()}
     from envs.metaworld_env import INSTRUCTIONS, benchmark_tasks

@@ -1,4 +1,10 @@
-"""Language-conditioned MuJoCo tabletop environment with a dm_env interface."""
+"""Language-conditioned MuJoCo tabletop environment with a dm_env interface.
+
+A 6-joint arm with a parallel-jaw gripper is driven in end-effector space: every control step
+the commanded tcp point moves by the action's displacement (clipped to the workspace), damped
+least-squares IK turns it into joint targets (gripper pointing down, fixed yaw), and joint
+position servos track them over SUBSTEPS physics steps.
+"""
 
 from __future__ import annotations
 
@@ -10,33 +16,62 @@ import mujoco
 import numpy as np
 from dm_env import specs
 
+from envs.ik import DampedLeastSquaresIK
 from envs.scene import (
+    ARM_JOINTS,
     BLOCK_HALF,
     COLORS,
+    DRAWER_KEEPOUT_HIGH,
+    DRAWER_KEEPOUT_LOW,
     FINGER_OPEN,
     MAX_DELTA,
+    OBJECTS,
+    PADS,
+    RGB,
+    SHAPES,
     SUBSTEPS,
     WORKSPACE_HIGH,
     WORKSPACE_LOW,
     build_mjcf,
 )
-from envs.tasks import TASKS, Task
+from envs.tasks import TASKS, Episode, Task, describe
 
 CAMERAS = ("front", "wrist")
 ACTION_MIN = np.array([-1, -1, -1, -1, 0], dtype=np.float32)
 ACTION_MAX = np.ones(5, dtype=np.float32)
 
-# Where blocks and the tray may start (centre xy), and how far apart: far enough that the open
-# fingers never touch a neighbour while grasping.
+# Where objects, pads and the tray may start (centre xy), and how far apart: far enough that the
+# open fingers never touch a neighbour while grasping.
 LAYOUT_LOW = np.array([-0.2, -0.12])
 LAYOUT_HIGH = np.array([0.2, 0.16])
 BLOCK_GAP = 0.10
 TRAY_GAP = 0.16
-MAX_YAW = 0.3  # blocks start roughly square to the fingers
+PAD_GAP = 0.11  # pad centre to anything else
+MAX_YAW = 0.3  # objects start roughly square to the fingers
+GRIPPER_DOWN = np.eye(3)  # hand frame = world frame: fingers point down, slide along y
+ARM_HOME = np.array([0.0, -0.9, 1.9, 0.0, -1.0, 0.0])  # elbow-up seed for the reset IK
+HIDDEN = np.array([0.0, 0.0, -0.2])  # unused pads sit under the table top
+# Keep-out radius around each placed thing's centre for the drawer box: tray, pad, object.
+TRAY_RADIUS, PAD_RADIUS, OBJECT_RADIUS = 0.085, 0.05, 0.03
+
+
+def task_names() -> list[str]:
+    return list(TASKS)
+
+
+def task_max_steps(task: str) -> int:
+    """The task's own episode limit (used when max_steps=None)."""
+    return _task(task).max_steps
+
+
+def _task(task: str) -> Task:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    return TASKS[task]
 
 
 class TabletopEnv(dm_env.Environment):
-    """A floating parallel-jaw gripper, three coloured blocks and a tray; one task per env.
+    """A 6-joint arm with a gripper, two cubes, a cylinder, a tray, pads, a drawer and a cue lamp; one task per env.
 
     Reward is sparse: 1.0 on the final step of a successful episode, else 0.
     """
@@ -47,44 +82,60 @@ class TabletopEnv(dm_env.Environment):
         image_size: int = 64,
         camera: str = "front",
         seed: int | None = None,
-        max_steps: int = 60,
+        max_steps: int | None = None,
         end_on_success: bool = True,
         render: bool = True,
+        wrist_image: bool = False,
+        shadows: bool = False,
     ):
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+        self._task = _task(task)
         if camera not in CAMERAS:
             raise ValueError(f"camera must be one of {list(CAMERAS)}, got {camera!r}")
-        if not isinstance(image_size, int) or image_size < 1:
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        if not isinstance(max_steps, int) or max_steps < 1:
-            raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-        self._task = TASKS[task]
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps must be a positive int or None (the task's limit), got {max_steps!r}")
+        if wrist_image and not render:
+            raise ValueError("wrist_image=True needs render=True")
         self.image_size = image_size
         self.camera = camera
-        self.max_steps = max_steps
+        self.max_steps = self._task.max_steps if max_steps is None else max_steps
         self.end_on_success = end_on_success
+        self.wrist_image = bool(wrist_image)
         self._rng = np.random.default_rng(seed)
 
         self.model = mujoco.MjModel.from_xml_string(build_mjcf())
+        self.model.light_castshadow[:] = bool(shadows)
         self.data = mujoco.MjData(self.model)
         m = self.model
-        self._gripper_body = m.body("gripper").id
-        self._gripper_qpos = m.joint("gripper").qposadr[0]
-        self._mocap = m.body_mocapid[m.body("gripper_target").id]
+        self.ik = DampedLeastSquaresIK(m, "tcp", ARM_JOINTS)
+        self._arm_qpos = self.ik.qpos_idx
+        self._arm_ctrl = np.array([m.actuator(j).id for j in ARM_JOINTS])
+        self._finger_ctrl = np.array([m.actuator(f"finger_{s}").id for s in ("left", "right")])
+        self._tcp = m.site("tcp").id
         self._tray_mocap = m.body_mocapid[m.body("tray").id]
+        self._pad_mocap = {p: m.body_mocapid[m.body(p).id] for p in PADS}
+        self._pad_geom = {p: m.geom(p).id for p in PADS}
+        self._lamp_geom = m.geom("lamp").id
+        self._drawer_qpos = m.joint("drawer").qposadr[0]
+        self._handle = m.site("handle").id
         self._finger_qpos = [m.joint(f"finger_{s}").qposadr[0] for s in ("left", "right")]
         self._finger_geoms = {m.geom(f"finger_{s}").id for s in ("left", "right")}
-        self._block_qpos = {c: m.joint(f"block_{c}").qposadr[0] for c in COLORS}
-        self._block_geom = {c: m.geom(f"block_{c}").id for c in COLORS}
+        self._obj_qpos = {s: m.joint(s).qposadr[0] for s in OBJECTS}
+        self._obj_geom = {s: m.geom(s).id for s in OBJECTS}
 
         self._renderer = _make_renderer(m, image_size) if render else None
         self._blank = np.zeros((image_size, image_size, 3), np.uint8)
 
         self._episode_seed = 0
-        self._target = COLORS[0]
+        self._episode = Episode(target=OBJECTS[0])
+        self._colors: dict[str, str] = {s: COLORS[0] for s in OBJECTS}
+        self._pad_colors: dict[str, str] = {p: COLORS[0] for p in PADS}
         self._instruction = ""
-        self._block_start: dict[str, np.ndarray] = {}
+        self._obj_start: dict[str, np.ndarray] = {}
+        self._tcp_target = np.zeros(3)
+        self._q_cmd = ARM_HOME.copy()
+        self.task_state: dict[str, Any] = {}  # per-episode memory of stateful success checks
         self._step_count = 0
         self._needs_reset = True
         self._last_info: dict[str, Any] = {}
@@ -95,30 +146,47 @@ class TabletopEnv(dm_env.Environment):
         """Start an episode; the whole episode is a function of `seed` (drawn from the env RNG if None)."""
         self._episode_seed = int(self._rng.integers(2**31)) if seed is None else int(seed)
         rng = np.random.default_rng(self._episode_seed)
-        target = int(rng.integers(len(COLORS)))
-        self._target = COLORS[target]
+        self._colors = self._sample_colors(rng)
+        pad_colors = rng.permutation(len(COLORS))[: len(PADS)]
+        self._pad_colors = {p: COLORS[i] for p, i in zip(PADS, pad_colors)}
+        self._episode = self._task.choose(rng, self._colors)
         template = self._task.templates[rng.integers(len(self._task.templates))]
-        self._instruction = template.format(color=self._target)
-        blocks, tray = self._sample_layout(rng, target)
+        ep = self._episode
+        self._instruction = template.format(
+            obj=describe(ep.target, self._colors),
+            other=describe(ep.other, self._colors) if ep.other else "",
+            pad=self._pad_colors[ep.pad] if ep.pad else "",
+            direction=ep.direction or "",
+        )
+        objects, tray, pads = self._sample_layout(rng)
 
         m, d = self.model, self.data
         mujoco.mj_resetData(m, d)
-        for (c, xy) in zip(COLORS, blocks):
+        for s in OBJECTS:
+            m.geom_rgba[self._obj_geom[s], :3] = RGB[self._colors[s]]
             yaw = rng.uniform(-MAX_YAW, MAX_YAW)
-            q = self._block_qpos[c]
-            d.qpos[q : q + 7] = [xy[0], xy[1], BLOCK_HALF, np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)]
+            q = self._obj_qpos[s]
+            d.qpos[q : q + 7] = [objects[s][0], objects[s][1], BLOCK_HALF, np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)]
+        for p in PADS:
+            m.geom_rgba[self._pad_geom[p], :3] = RGB[self._pad_colors[p]]
+            d.mocap_pos[self._pad_mocap[p]] = [*pads[p], 0.0] if p in pads else HIDDEN
         d.mocap_pos[self._tray_mocap] = [tray[0], tray[1], 0.0]
+        d.qpos[self._drawer_qpos] = self._task.drawer_start(rng)
         start = rng.uniform([-0.05, -0.14, 0.16], [0.05, -0.08, 0.20])
-        d.mocap_pos[self._mocap] = start
-        d.qpos[self._gripper_qpos : self._gripper_qpos + 3] = start
+        self._tcp_target = start
+        self._q_cmd = self.ik.solve(ARM_HOME, start, GRIPPER_DOWN, iterations=50)
+        d.qpos[self._arm_qpos] = self._q_cmd
+        d.ctrl[self._arm_ctrl] = self._q_cmd
         d.qpos[self._finger_qpos] = FINGER_OPEN
-        d.ctrl[:] = FINGER_OPEN
+        d.ctrl[self._finger_ctrl] = FINGER_OPEN
         mujoco.mj_forward(m, d)
-        self._block_start = {c: self.block_pos(c) for c in COLORS}
+        self._obj_start = {s: self.object_pos(s) for s in OBJECTS}
 
+        self.task_state = {}
         self._step_count = 0
         self._needs_reset = False
         self._last_info = self._info(self._task.success(self))
+        self._update_lamp()
         return dm_env.restart(self._observation())
 
     def step(self, action: Any) -> dm_env.TimeStep:
@@ -126,13 +194,16 @@ class TabletopEnv(dm_env.Environment):
             return self.reset()
         a = _validate_action(action)
         d = self.data
-        d.mocap_pos[self._mocap] = np.clip(d.mocap_pos[self._mocap] + a[:3] * MAX_DELTA, WORKSPACE_LOW, WORKSPACE_HIGH)
-        d.ctrl[:] = 0.0 if a[3] > 0 else FINGER_OPEN
+        self._tcp_target = np.clip(self._tcp_target + a[:3] * MAX_DELTA, WORKSPACE_LOW, WORKSPACE_HIGH)
+        self._q_cmd = self.ik.solve(self._q_cmd, self._tcp_target, GRIPPER_DOWN)
+        d.ctrl[self._arm_ctrl] = self._q_cmd
+        d.ctrl[self._finger_ctrl] = 0.0 if a[3] > 0 else FINGER_OPEN
         mujoco.mj_step(self.model, d, nstep=SUBSTEPS)
         self._step_count += 1
 
         success = self._task.success(self)
         self._last_info = self._info(success)
+        self._update_lamp()
         obs = self._observation()
         reward = 1.0 if success else 0.0
         if (success and self.end_on_success) or a[4] > 0.5:
@@ -145,11 +216,14 @@ class TabletopEnv(dm_env.Environment):
 
     def observation_spec(self) -> dict[str, specs.Array]:
         n = self.image_size
-        return {
+        spec = {
             "image": specs.BoundedArray((n, n, 3), np.uint8, 0, 255, name="image"),
             "state": specs.Array((4,), np.float32, name="state"),
             "instruction": specs.StringArray((), name="instruction"),
         }
+        if self.wrist_image:
+            spec["wrist_image"] = specs.BoundedArray((n, n, 3), np.uint8, 0, 255, name="wrist_image")
+        return spec
 
     def action_spec(self) -> specs.BoundedArray:
         return specs.BoundedArray((5,), np.float32, ACTION_MIN, ACTION_MAX, name="action")
@@ -175,8 +249,17 @@ class TabletopEnv(dm_env.Environment):
         return self._instruction
 
     @property
+    def episode(self) -> Episode:
+        return self._episode
+
+    @property
+    def target(self) -> str:
+        """Object slot the task is about (see scene.OBJECTS)."""
+        return self._episode.target
+
+    @property
     def target_color(self) -> str:
-        return self._target
+        return self._colors[self._episode.target]
 
     @property
     def episode_seed(self) -> int:
@@ -198,39 +281,68 @@ class TabletopEnv(dm_env.Environment):
 
     def gripper_pos(self) -> np.ndarray:
         """World position of the fingertip centre."""
-        return self.data.xpos[self._gripper_body].copy()
+        return self.data.site_xpos[self._tcp].copy()
 
     def gripper_opening(self) -> float:
         """0 = closed, 1 = fully open."""
         return float(np.clip(self.data.qpos[self._finger_qpos].mean() / FINGER_OPEN, 0.0, 1.0))
 
-    def block_pos(self, color: str) -> np.ndarray:
-        q = self._block_qpos[color]
+    def arm_qpos(self) -> np.ndarray:
+        return self.data.qpos[self._arm_qpos].copy()
+
+    def joint_limits(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.ik.low.copy(), self.ik.high.copy()
+
+    def color_of(self, slot: str) -> str:
+        return self._colors[slot]
+
+    def shape_of(self, slot: str) -> str:
+        return SHAPES[slot]
+
+    def pad_color(self, pad: str) -> str:
+        return self._pad_colors[pad]
+
+    def object_pos(self, slot: str) -> np.ndarray:
+        q = self._obj_qpos[slot]
         return self.data.qpos[q : q + 3].copy()
 
-    def block_start_pos(self, color: str) -> np.ndarray:
-        return self._block_start[color].copy()
+    def object_start_pos(self, slot: str) -> np.ndarray:
+        return self._obj_start[slot].copy()
 
     def tray_pos(self) -> np.ndarray:
         return self.data.mocap_pos[self._tray_mocap].copy()
 
-    def _finger_contacts(self, color: str) -> set[int]:
+    def pad_pos(self, pad: str) -> np.ndarray:
+        return self.data.mocap_pos[self._pad_mocap[pad]].copy()
+
+    def drawer_opening(self) -> float:
+        """How far the drawer is pulled out (m): 0 = closed."""
+        return float(self.data.qpos[self._drawer_qpos])
+
+    def handle_pos(self) -> np.ndarray:
+        """World position of the middle of the drawer's handle bar."""
+        return self.data.site_xpos[self._handle].copy()
+
+    def lamp_rgb(self) -> np.ndarray:
+        return self.model.geom_rgba[self._lamp_geom, :3].copy()
+
+    def _finger_contacts(self, slot: str) -> set[int]:
         geoms = self.data.contact.geom[: self.data.ncon]
-        block = self._block_geom[color]
+        obj = self._obj_geom[slot]
         touching = set()
         for g1, g2 in geoms:
-            if g1 == block and g2 in self._finger_geoms:
+            if g1 == obj and g2 in self._finger_geoms:
                 touching.add(int(g2))
-            elif g2 == block and g1 in self._finger_geoms:
+            elif g2 == obj and g1 in self._finger_geoms:
                 touching.add(int(g1))
         return touching
 
-    def touching_fingers(self, color: str) -> bool:
-        return bool(self._finger_contacts(color))
+    def touching_fingers(self, slot: str) -> bool:
+        return bool(self._finger_contacts(slot))
 
-    def grasped(self, color: str) -> bool:
-        """Both finger pads touch the block."""
-        return len(self._finger_contacts(color)) == 2
+    def grasped(self, slot: str) -> bool:
+        """Both finger pads touch the object."""
+        return len(self._finger_contacts(slot)) == 2
 
     # ---- rendering --------------------------------------------------------------------------
 
@@ -246,43 +358,88 @@ class TabletopEnv(dm_env.Environment):
 
     # ---- internals --------------------------------------------------------------------------
 
+    def _update_lamp(self) -> None:
+        self.model.geom_rgba[self._lamp_geom, :3] = self._task.lamp(self)
+
     def _observation(self) -> dict[str, np.ndarray]:
         image = self.render() if self._renderer is not None else self._blank.copy()
         state = np.append(self.gripper_pos(), self.gripper_opening()).astype(np.float32)
-        return {"image": image, "state": state, "instruction": np.array(self._instruction, dtype=object)}
+        obs = {"image": image, "state": state, "instruction": np.array(self._instruction, dtype=object)}
+        if self.wrist_image:
+            obs["wrist_image"] = self.render("wrist")
+        return obs
 
     def _info(self, success: bool) -> dict[str, Any]:
         return {
             "success": success,
             "task": self._task.name,
-            "target_color": self._target,
+            "target_color": self.target_color,
+            "target_shape": SHAPES[self.target],
             "instruction": self._instruction,
             "episode_seed": self._episode_seed,
             "step": self._step_count,
         }
 
-    def _sample_layout(self, rng: np.random.Generator, target: int) -> tuple[np.ndarray, np.ndarray]:
-        """Block and tray centres (xy), non-overlapping, satisfying the task's constraint."""
+    def _sample_colors(self, rng: np.random.Generator) -> dict[str, str]:
+        # The two cubes always differ, so "the red cube" is unambiguous; the cylinder may share a
+        # cube's colour, which is what makes the shape word matter.
+        a, b, c = rng.permutation(len(COLORS))[:3]
+        cyl = c if self._task.distinct_colors else rng.integers(len(COLORS))
+        return {"cube_a": COLORS[a], "cube_b": COLORS[b], "cylinder": COLORS[cyl]}
+
+    def _sample_layout(
+        self, rng: np.random.Generator
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+        """Object, tray and pad centres (xy), non-overlapping, satisfying the task's constraint."""
         for _ in range(10_000):
             tray = rng.uniform(LAYOUT_LOW, LAYOUT_HIGH)
-            blocks: list[np.ndarray] = []
-            for _ in range(100):
-                xy = rng.uniform(LAYOUT_LOW, LAYOUT_HIGH)
-                if np.linalg.norm(xy - tray) >= TRAY_GAP and all(np.linalg.norm(xy - b) >= BLOCK_GAP for b in blocks):
-                    blocks.append(xy)
-                    if len(blocks) == len(COLORS):
-                        break
-            if len(blocks) == len(COLORS) and self._task.layout_ok(np.array(blocks), target, tray):
-                return np.array(blocks), tray
+            if not _clear_of_drawer(tray, TRAY_RADIUS):
+                continue
+            placed: list[tuple[np.ndarray, float]] = [(tray, TRAY_GAP)]
+            pads: dict[str, np.ndarray] = {}
+            for p in PADS if self._task.uses_pads else ():
+                xy = _place(rng, placed, PAD_GAP, PAD_RADIUS)
+                if xy is None:
+                    break
+                pads[p] = xy
+                placed.append((xy, PAD_GAP))
+            objects: dict[str, np.ndarray] = {}
+            for s in OBJECTS:
+                xy = _place(rng, placed, BLOCK_GAP, OBJECT_RADIUS)
+                if xy is None:
+                    break
+                objects[s] = xy
+                placed.append((xy, BLOCK_GAP))
+            if len(objects) == len(OBJECTS) and len(pads) == (len(PADS) if self._task.uses_pads else 0):
+                if self._task.layout_ok(objects, tray, pads, self._episode):
+                    return objects, tray, pads
         raise RuntimeError(f"could not sample a layout for task {self._task.name!r}")
+
+
+def _clear_of_drawer(xy: np.ndarray, radius: float) -> bool:
+    return bool(np.any(xy + radius < DRAWER_KEEPOUT_LOW) or np.any(xy - radius > DRAWER_KEEPOUT_HIGH))
+
+
+def _place(
+    rng: np.random.Generator, placed: list[tuple[np.ndarray, float]], gap: float, radius: float
+) -> np.ndarray | None:
+    for _ in range(100):
+        xy = rng.uniform(LAYOUT_LOW, LAYOUT_HIGH)
+        apart = all(np.linalg.norm(xy - other) >= max(gap, other_gap) for other, other_gap in placed)
+        if apart and _clear_of_drawer(xy, radius):
+            return xy
+    return None
 
 
 def _validate_action(action: Any) -> np.ndarray:
     a = np.asarray(action, dtype=np.float64)
     if a.shape != (5,):
-        raise ValueError(f"action must have shape (5,) = [dx, dy, dz, gripper, terminate], got shape {a.shape}")
+        raise ValueError(
+            "action must have shape (5,) = [dx, dy, dz, gripper, terminate] (float32, bounds "
+            f"[-1, -1, -1, -1, 0]..[1, 1, 1, 1, 1]), got shape {a.shape}"
+        )
     if not np.all(np.isfinite(a)):
-        raise ValueError(f"action must be finite (5,) floats, got {a.tolist()}")
+        raise ValueError(f"action must be finite (5,) floats [dx, dy, dz, gripper, terminate], got {a.tolist()}")
     return np.clip(a, ACTION_MIN, ACTION_MAX)
 
 
@@ -298,17 +455,21 @@ def _make_renderer(model: mujoco.MjModel, size: int) -> mujoco.Renderer:
 
 
 def benchmark_env(task: str = "lift", steps: int = 1000, render: bool = False, image_size: int = 64) -> dict:
-    """Control steps per second with random actions (episodes reset as they end)."""
+    """Control steps per second with random actions (episodes reset as they end).
+
+    Also reports CPU seconds of this process (all its threads, llvmpipe's included): on a shared
+    machine wall-clock rates swing with other jobs, CPU-time rates much less.
+    """
     env = TabletopEnv(task, image_size=image_size, seed=0, render=render)
     try:
         rng = np.random.default_rng(0)
         actions = rng.uniform(ACTION_MIN, ACTION_MAX, size=(steps, 5)).astype(np.float32)
         actions[:, 4] = 0.0  # never terminate early, so resets stay rare
         env.reset(seed=0)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for a in actions:
             env.step(a)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     finally:
         env.close()
     return {
@@ -318,4 +479,29 @@ def benchmark_env(task: str = "lift", steps: int = 1000, render: bool = False, i
         "image_size": image_size,
         "seconds": seconds,
         "steps_per_s": steps / seconds,
+        "cpu_seconds": cpu_seconds,
+        "steps_per_cpu_s": steps / max(cpu_seconds, 1e-9),
+    }
+
+
+def benchmark_render(image_size: int = 96, frames: int = 500, camera: str = "front", task: str = "lift") -> dict:
+    """Rendered frames per second (render only, scene fixed after one reset)."""
+    env = TabletopEnv(task, image_size=image_size, camera=camera, seed=0, render=True)
+    try:
+        env.reset(seed=0)
+        env.render()  # warm-up: first frame allocates buffers
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(frames):
+            env.render()
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    finally:
+        env.close()
+    return {
+        "camera": camera,
+        "image_size": image_size,
+        "frames": frames,
+        "seconds": seconds,
+        "frames_per_s": frames / seconds,
+        "cpu_seconds": cpu_seconds,
+        "frames_per_cpu_s": frames / max(cpu_seconds, 1e-9),
     }

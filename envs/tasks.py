@@ -1,70 +1,232 @@
-"""Task registry: instruction templates, success checks and layout constraints per task.
+"""Task registry: what each task picks per episode, its instruction templates, success check,
+layout constraint, episode limit and (for memory tasks) what the cue lamp shows.
 
-A task only reads the scene through the env's privileged accessors (block_pos, gripper_pos, ...),
-so adding a task means adding one `Task` entry plus its expert in experts.py.
+A task only reads the scene through the env's privileged accessors (object_pos, gripper_pos,
+...), so adding a task means adding one `Task` entry plus its expert in experts.py.
+
+Instruction templates use the slots {obj} ("red cube"), {other} (a second object), {pad}
+(a pad colour) and {direction}; memory tasks use none that would give the answer away.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from envs import experts
-from envs.scene import BLOCK_HALF, TRAY_FLOOR_TOP, TRAY_INNER_HALF
+from envs.scene import (
+    BLOCK_HALF,
+    DRAWER_KEEPOUT_HIGH,
+    DRAWER_KEEPOUT_LOW,
+    LAMP_DARK,
+    OBJECTS,
+    PAD_HALF,
+    PADS,
+    RGB,
+    SHAPES,
+    TRAY_FLOOR_TOP,
+    TRAY_INNER_HALF,
+)
 
 if TYPE_CHECKING:
     from envs.tabletop import TabletopEnv
 
 REACH_RADIUS = 0.03
+TOUCH_RADIUS = 0.035  # cue_touch: tcp this close to an object centre (or a finger contact) touches it
 LIFT_HEIGHT = 0.05
 PUSH_DISTANCE = 0.08
-PUSH_DIRECTION = np.array([0.0, 1.0])  # "forward": away from the front camera
+DIRECTIONS: dict[str, np.ndarray] = {
+    "forward": np.array([0.0, 1.0]),  # away from the front camera
+    "left": np.array([-1.0, 0.0]),
+    "right": np.array([1.0, 0.0]),
+}
+LAMP_WHITE = (1.0, 1.0, 1.0)
+# Memory-task timing (control steps). cue_touch: the cue is lit in observations 0..CUE_STEPS-1,
+# dark until GO_STEP, then white ("go"); touching anything before GO_STEP fails the episode.
+# At GO_STEP the newest 6 frames (GO_STEP-5..GO_STEP) all show a dark or white lamp and a still arm.
+CUE_STEPS = 3
+GO_STEP = 12
+# put_back: the lamp turns white once the object was held over the tray for HOLD_STEPS steps.
+HOLD_STEPS = 8
+PUT_BACK_RADIUS = 0.03
+DRAWER_OPEN = 0.08  # open_drawer: pulled out at least this far (m); travel is 0.12
+DRAWER_CLOSED = 0.01  # close_drawer: pushed back to within this (starts 0.08-0.11 open)
+
+
+@dataclass(frozen=True)
+class Episode:
+    """What a task chose for one episode (object slots, pad name, push direction, cue colour)."""
+
+    target: str
+    other: str | None = None
+    pad: str | None = None
+    direction: str | None = None
+    cue: str | None = None
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    templates: tuple[str, ...]  # each has a {color} slot
-    success: Callable[["TabletopEnv"], bool]
+    templates: tuple[str, ...]
+    success: Callable[["TabletopEnv"], bool]  # called once per step; may update env.task_state
     expert: type[experts.WaypointExpert]
-    # Extra layout constraint on (block xy (3, 2), target index, tray xy (2,)): e.g. a clear push lane.
-    layout_ok: Callable[[np.ndarray, int, np.ndarray], bool] = lambda blocks, target, tray: True
+    max_steps: int = 60
+    # Picks the episode's objects given the slot colours.
+    choose: Callable[[np.random.Generator, dict[str, str]], Episode] = field(
+        default=lambda rng, colors: Episode(target=OBJECTS[rng.integers(len(OBJECTS))])
+    )
+    # Extra layout constraint on (object xy by slot, tray xy, pad xy by name, episode).
+    layout_ok: Callable[[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], Episode], bool] = (
+        lambda objects, tray, pads, episode: True
+    )
+    distinct_colors: bool = False  # all three objects get different colours
+    uses_pads: bool = False
+    memory: bool = False
+    lamp: Callable[["TabletopEnv"], tuple[float, float, float]] = lambda env: LAMP_DARK
+    drawer_start: Callable[[np.random.Generator], float] = lambda rng: 0.0  # drawer opening at reset (m)
+
+
+def describe(slot: str, colors: dict[str, str]) -> str:
+    return f"{colors[slot]} {SHAPES[slot]}"
+
+
+# ---- success checks -------------------------------------------------------------------------
+
+
+def _on_table(env: "TabletopEnv", slot: str) -> bool:
+    return bool(env.object_pos(slot)[2] < BLOCK_HALF + 0.01)
 
 
 def _reach_success(env: "TabletopEnv") -> bool:
-    return bool(np.linalg.norm(env.gripper_pos() - env.block_pos(env.target_color)) < REACH_RADIUS)
+    return bool(np.linalg.norm(env.gripper_pos() - env.object_pos(env.target)) < REACH_RADIUS)
 
 
 def _lift_success(env: "TabletopEnv") -> bool:
-    c = env.target_color
-    return bool(env.block_pos(c)[2] >= BLOCK_HALF + LIFT_HEIGHT and env.grasped(c))
+    t = env.target
+    return bool(env.object_pos(t)[2] >= BLOCK_HALF + LIFT_HEIGHT and env.grasped(t))
 
 
 def _push_success(env: "TabletopEnv") -> bool:
-    c = env.target_color
-    moved = (env.block_pos(c) - env.block_start_pos(c))[:2] @ PUSH_DIRECTION
-    on_table = env.block_pos(c)[2] < BLOCK_HALF + 0.01
-    return bool(moved >= PUSH_DISTANCE and on_table)
-
-
-def _push_lane_clear(blocks: np.ndarray, target: int, tray: np.ndarray) -> bool:
-    """Nothing else within the strip the gripper sweeps (from behind the block to past its goal)."""
-    lane_lo, lane_hi = blocks[target, 1] - 0.12, blocks[target, 1] + 0.20
-    others = [blocks[i] for i in range(len(blocks)) if i != target]
-    for xy, half_width in [(b, 0.085) for b in others] + [(tray, 0.15)]:
-        if abs(xy[0] - blocks[target, 0]) < half_width and lane_lo < xy[1] < lane_hi:
-            return False
-    return bool(blocks[target, 1] <= 0.06)  # room ahead on the table
+    t = env.target
+    moved = (env.object_pos(t) - env.object_start_pos(t))[:2] @ DIRECTIONS[env.episode.direction or "forward"]
+    return bool(moved >= PUSH_DISTANCE and _on_table(env, t))
 
 
 def _place_success(env: "TabletopEnv") -> bool:
-    c = env.target_color
-    rel = env.block_pos(c) - env.tray_pos()
+    t = env.target
+    rel = env.object_pos(t) - env.tray_pos()
     inside = bool(np.all(np.abs(rel[:2]) < TRAY_INNER_HALF - BLOCK_HALF * 0.5))
     resting = rel[2] < TRAY_FLOOR_TOP + BLOCK_HALF + 0.012
-    return inside and resting and not env.touching_fingers(c)
+    return inside and resting and not env.touching_fingers(t)
+
+
+def _pad_success(env: "TabletopEnv") -> bool:
+    t = env.target
+    rel = env.object_pos(t)[:2] - env.pad_pos(env.episode.pad)[:2]
+    return bool(np.all(np.abs(rel) < PAD_HALF) and _on_table(env, t) and not env.touching_fingers(t))
+
+
+def _stack_success(env: "TabletopEnv") -> bool:
+    t, base = env.target, env.episode.other
+    top, bottom = env.object_pos(t), env.object_pos(base)
+    aligned = np.linalg.norm(top[:2] - bottom[:2]) < BLOCK_HALF
+    on_top = abs(top[2] - bottom[2] - 2 * BLOCK_HALF) < 0.01
+    return bool(aligned and on_top and _on_table(env, base) and not env.touching_fingers(t))
+
+
+def _touched(env: "TabletopEnv") -> list[str]:
+    tcp = env.gripper_pos()
+    return [s for s in OBJECTS if np.linalg.norm(tcp - env.object_pos(s)) < TOUCH_RADIUS or env.touching_fingers(s)]
+
+
+def _cue_touch_success(env: "TabletopEnv") -> bool:
+    state = env.task_state
+    if "first_touch" not in state:
+        touched = _touched(env)
+        if touched:
+            # Too early or the wrong object: the episode cannot succeed any more.
+            state["first_touch"] = touched[0] if env.step_count >= GO_STEP and len(touched) == 1 else "invalid"
+    return state.get("first_touch") == env.target
+
+
+def _cue_lamp(env: "TabletopEnv") -> tuple[float, float, float]:
+    if env.step_count < CUE_STEPS:
+        return RGB[env.episode.cue]
+    return LAMP_WHITE if env.step_count >= GO_STEP else LAMP_DARK
+
+
+def _over_tray(env: "TabletopEnv", slot: str) -> bool:
+    rel = env.object_pos(slot) - env.tray_pos()
+    return bool(np.all(np.abs(rel[:2]) < TRAY_INNER_HALF) and rel[2] > 0.06 and env.grasped(slot))
+
+
+def _put_back_success(env: "TabletopEnv") -> bool:
+    state, t = env.task_state, env.target
+    if not state.get("go", False):
+        state["held"] = state.get("held", 0) + 1 if _over_tray(env, t) else 0
+        state["go"] = state["held"] >= HOLD_STEPS
+        return False
+    back = np.linalg.norm(env.object_pos(t)[:2] - env.object_start_pos(t)[:2]) < PUT_BACK_RADIUS
+    return bool(back and _on_table(env, t) and not env.touching_fingers(t))
+
+
+def _put_back_lamp(env: "TabletopEnv") -> tuple[float, float, float]:
+    return LAMP_WHITE if env.task_state.get("go", False) else LAMP_DARK
+
+
+def _drawer_open_success(env: "TabletopEnv") -> bool:
+    return env.drawer_opening() >= DRAWER_OPEN
+
+
+def _drawer_closed_success(env: "TabletopEnv") -> bool:
+    return env.drawer_opening() <= DRAWER_CLOSED
+
+
+# ---- episode choices and layout constraints ---------------------------------------------------
+
+
+def _choose_stack(rng: np.random.Generator, colors: dict[str, str]) -> Episode:
+    base = ("cube_a", "cube_b")[rng.integers(2)]  # only cubes have a flat top to stack on
+    others = [s for s in OBJECTS if s != base]
+    return Episode(target=others[rng.integers(len(others))], other=base)
+
+
+def _choose_direction(names: tuple[str, ...]) -> Callable[[np.random.Generator, dict[str, str]], Episode]:
+    def choose(rng: np.random.Generator, colors: dict[str, str]) -> Episode:
+        return Episode(target=OBJECTS[rng.integers(len(OBJECTS))], direction=names[rng.integers(len(names))])
+
+    return choose
+
+
+def _choose_pad(rng: np.random.Generator, colors: dict[str, str]) -> Episode:
+    return Episode(target=OBJECTS[rng.integers(len(OBJECTS))], pad=PADS[rng.integers(len(PADS))])
+
+
+def _choose_cylinder(rng: np.random.Generator, colors: dict[str, str]) -> Episode:
+    return Episode(target="cylinder")
+
+
+def _choose_cue(rng: np.random.Generator, colors: dict[str, str]) -> Episode:
+    target = OBJECTS[rng.integers(len(OBJECTS))]
+    return Episode(target=target, cue=colors[target])
+
+
+def _lane_clear(objects: dict[str, np.ndarray], tray: np.ndarray, pads: dict[str, np.ndarray], ep: Episode) -> bool:
+    """Nothing else within the strip the gripper sweeps (from behind the object to past its goal)."""
+    d = DIRECTIONS[ep.direction or "forward"]
+    side = np.array([-d[1], d[0]])
+    start = objects[ep.target]
+    # (centre, half-width across the lane, how far it reaches along it): the tray is 16 cm wide.
+    others = [(xy, 0.085, 0.0) for s, xy in objects.items() if s != ep.target] + [(tray, 0.15, 0.08)]
+    for xy, half_width, extent in others:
+        rel = xy - start
+        if abs(rel @ side) < half_width and -0.12 - extent < rel @ d < 0.20 + extent:
+            return False
+    goal = start + d * 0.13
+    in_drawer_zone = bool(np.all(goal > DRAWER_KEEPOUT_LOW - 0.03) and np.all(goal < DRAWER_KEEPOUT_HIGH + 0.03))
+    return bool(-0.26 < goal[0] < 0.26 and goal[1] < 0.22) and not in_drawer_zone  # room ahead on the table
 
 
 TASKS: dict[str, Task] = {
@@ -73,11 +235,11 @@ TASKS: dict[str, Task] = {
         Task(
             "reach",
             (
-                "touch the {color} block",
-                "reach for the {color} cube",
-                "move the gripper to the {color} block",
-                "go to the {color} cube",
-                "put your gripper on the {color} block",
+                "touch the {obj}",
+                "reach for the {obj}",
+                "move the gripper to the {obj}",
+                "go to the {obj}",
+                "put your gripper on the {obj}",
             ),
             _reach_success,
             experts.ReachExpert,
@@ -85,11 +247,11 @@ TASKS: dict[str, Task] = {
         Task(
             "lift",
             (
-                "pick up the {color} block",
-                "lift the {color} cube",
-                "grab the {color} block and raise it",
-                "take the {color} cube off the table",
-                "raise the {color} block",
+                "pick up the {obj}",
+                "lift the {obj}",
+                "grab the {obj} and raise it",
+                "take the {obj} off the table",
+                "raise the {obj}",
             ),
             _lift_success,
             experts.LiftExpert,
@@ -97,27 +259,150 @@ TASKS: dict[str, Task] = {
         Task(
             "push",
             (
-                "push the {color} block forward",
-                "slide the {color} cube away from you",
-                "push the {color} cube forward",
-                "shove the {color} block away from the camera",
-                "nudge the {color} block forward",
+                "push the {obj} forward",
+                "slide the {obj} away from you",
+                "push the {obj} away from the camera",
+                "shove the {obj} forward",
+                "nudge the {obj} forward",
             ),
             _push_success,
             experts.PushExpert,
-            _push_lane_clear,
+            choose=_choose_direction(("forward",)),
+            layout_ok=_lane_clear,
         ),
         Task(
             "place",
             (
-                "put the {color} block in the tray",
-                "place the {color} cube into the bowl",
-                "drop the {color} block in the tray",
-                "move the {color} cube to the tray",
-                "pick up the {color} block and put it in the bowl",
+                "put the {obj} in the tray",
+                "place the {obj} into the tray",
+                "drop the {obj} in the tray",
+                "move the {obj} to the tray",
+                "pick up the {obj} and put it in the tray",
             ),
             _place_success,
             experts.PlaceExpert,
+            max_steps=80,
+        ),
+        Task(
+            "slide",
+            (
+                "push the {obj} to the {direction}",
+                "slide the {obj} {direction}",
+                "to the {direction}, push the {obj}",
+                "move the {obj} to the {direction} by pushing it",
+                "nudge the {obj} toward the {direction}",
+            ),
+            _push_success,
+            experts.PushExpert,
+            choose=_choose_direction(("left", "right")),
+            layout_ok=_lane_clear,
+        ),
+        Task(
+            "stack",
+            (
+                "stack the {obj} on the {other}",
+                "put the {obj} on top of the {other}",
+                "place the {obj} onto the {other}",
+                "on the {other}, stack the {obj}",
+                "pick up the {obj} and set it on the {other}",
+            ),
+            _stack_success,
+            experts.StackExpert,
+            max_steps=80,
+            choose=_choose_stack,
+        ),
+        Task(
+            "place_on_pad",
+            (
+                "put the {obj} on the {pad} pad",
+                "place the {obj} onto the {pad} square",
+                "move the {obj} to the {pad} pad",
+                "on the {pad} pad, put the {obj}",
+                "pick up the {obj} and set it down on the {pad} pad",
+            ),
+            _pad_success,
+            experts.PadExpert,
+            max_steps=80,
+            choose=_choose_pad,
+            uses_pads=True,
+        ),
+        Task(
+            "pick_shape",
+            (
+                "pick up the cylinder",
+                "lift the round one",
+                "grab the cylinder and raise it",
+                "raise the cylinder off the table",
+            ),
+            _lift_success,
+            experts.LiftExpert,
+            choose=_choose_cylinder,
+        ),
+        Task(
+            "place_shape",
+            (
+                "put the cylinder in the tray",
+                "place the round object into the tray",
+                "drop the cylinder into the tray",
+                "move the cylinder to the tray",
+            ),
+            _place_success,
+            experts.PlaceExpert,
+            max_steps=80,
+            choose=_choose_cylinder,
+        ),
+        Task(
+            "open_drawer",
+            (
+                "open the drawer",
+                "pull the drawer open",
+                "pull out the drawer",
+                "slide the drawer open by its handle",
+            ),
+            _drawer_open_success,
+            experts.OpenDrawerExpert,
+        ),
+        Task(
+            "close_drawer",
+            (
+                "close the drawer",
+                "push the drawer shut",
+                "slide the drawer closed",
+                "push the open drawer back in",
+            ),
+            _drawer_closed_success,
+            experts.CloseDrawerExpert,
+            drawer_start=lambda rng: float(rng.uniform(0.08, 0.11)),
+        ),
+        Task(
+            "cue_touch",
+            (
+                "remember the colour of the light, and when it turns white touch the object of that colour",
+                "watch the lamp, wait for it to turn white, then touch the object that had its colour",
+                "when the light goes white, touch the object whose colour the light showed first",
+                "note the lamp colour, wait for white, then go to the object of that colour",
+            ),
+            _cue_touch_success,
+            experts.CueTouchExpert,
+            max_steps=50,
+            choose=_choose_cue,
+            distinct_colors=True,
+            memory=True,
+            lamp=_cue_lamp,
+        ),
+        Task(
+            "put_back",
+            (
+                "pick up the {obj}, hold it over the tray until the light turns white, then put it back where it was",
+                "lift the {obj} above the tray, wait for the white light, and return it to its spot",
+                "hold the {obj} over the tray until the lamp is white, then set it down where it started",
+                "take the {obj} over the tray, and when the light turns white put it back in its place",
+            ),
+            _put_back_success,
+            experts.PutBackExpert,
+            max_steps=100,
+            memory=True,
+            lamp=_put_back_lamp,
         ),
     )
 }

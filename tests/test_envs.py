@@ -18,6 +18,8 @@ from envs.experts import make_expert
 from envs.scene import COLORS, WORKSPACE_LOW
 
 TASKS = list(envs.list_tasks())
+# 50-seed expert checks for the original tasks; tests/test_tabletop_suite.py covers every task on fewer seeds.
+EXPERT_TASKS = ["reach", "lift", "push", "place"]
 
 
 @pytest.fixture
@@ -55,7 +57,7 @@ def test_registry_and_constants():
     tasks = envs.list_tasks()
     assert set(tasks) >= {"reach", "lift", "push", "place"}
     for templates in tasks.values():
-        assert len(templates) >= 3 and all("{color}" in t for t in templates)
+        assert len(templates) >= 3  # slots: {obj}, {other}, {pad}, {direction}; memory tasks name no answer
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -94,19 +96,19 @@ def test_env_seed_reproduces_unseeded_resets(make_env):
     assert len({seed for _, seed in first}) == 5
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", EXPERT_TASKS)
 def test_expert_success_rate(make_env, task):
     env = make_env(task, render=False)
     successes = 0
     for seed in range(50):
         _, _, ts = _run_expert(env, seed)
-        assert ts.last() and env.step_count <= 60
+        assert ts.last() and env.step_count <= env.max_steps
         successes += env.success
         assert ts.reward == float(env.success)
     assert successes >= 49, f"{task}: {successes}/50"
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", EXPERT_TASKS)
 def test_noisy_expert_still_succeeds(make_env, task):
     env = make_env(task, render=False)
     successes = sum(_run_expert(env, seed, noise=0.2)[2].reward == 1.0 for seed in range(50))
@@ -161,7 +163,7 @@ def test_bad_action_is_rejected(make_env, action, match):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"task": "fly"}, r"task must be one of \[.*'lift'.*'reach'.*\] for env 'tabletop', got 'fly'"),
+        ({"task": "fly"}, r"task must be one of \[.*'lift', .*'place', .*'push', .*'reach'.*\] for env 'tabletop', got 'fly'"),
         ({"task": "lift", "camera": "top"}, r"camera must be one of .*'front'.*got 'top'"),
         ({"task": "lift", "name": "kitchen"},
          r"name must be one of \['tabletop', 'metaworld-mt10', 'metaworld-mt50'\], got 'kitchen'"),
