@@ -175,6 +175,20 @@ class RLDSDataset:
         self._validate(camera)
         self.keys = DataKeys(self.camera, entry.proprio if self.use_proprio else None, entry.instruction, entry.action)
         self._scan: dict[str, Any] | None = None
+        if verify_shards:
+            self._check_first_episode()
+
+    def _check_first_episode(self) -> None:
+        """Read one episode now so that frames of another size than declared, or a missing field, fail at
+        open time naming the dataset and field, not minutes into training."""
+        try:
+            ep = next(iter(self.episode_tensors(decode_images=True, parallel_calls=1).take(1)), None)
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+            msg = exc.message.split("\n")[0]
+            raise DatasetError(msg if msg.startswith("dataset ") else
+                               f"dataset {self.dir!r}: split {self.split!r}: first episode unreadable: {msg}") from None
+        if ep is not None and int(ep["action"].shape[-1]) != self.action_dim:
+            raise self._field_error(self.entry.action, f"{self.action_dim} action values", int(ep["action"].shape[-1]))
 
     # -- validation of the entry against the dataset's features ------------------------------------
     def _field_error(self, key: str, expected: str, got: Any) -> DatasetError:
@@ -236,11 +250,16 @@ class RLDSDataset:
                 raise self._field_error(e.action, "a 1-d float vector (or action_fields for a dict action)", act)
             self.action_dim = int(act.shape[0])
         names = e.flat_action_names()
-        if names is not None and len(names) != self.action_dim:
+        own = list(self.sidecar.get("action_names") or [])  # written by `collect`: the env's own names win
+        if len(own) == self.action_dim:
+            names = own
+        elif names is not None and len(names) != self.action_dim:
             raise self._field_error(e.action, f"{len(names)} dimensions (action_names of the entry)", self.action_dim)
-        own = list(self.sidecar.get("action_names") or [])  # written by `collect`: the env's own names
-        self.action_names = (own if len(own) == self.action_dim else names) or [f"a{i}" for i in range(self.action_dim)]
+        self.action_names = names or [f"a{i}" for i in range(self.action_dim)]
         self.action_bounds = e.flat_action_bounds()
+        lo, hi = self.sidecar.get("action_low"), self.sidecar.get("action_high")
+        if lo and hi and len(lo) == len(hi) == self.action_dim:
+            self.action_bounds = (list(lo), list(hi))
 
     def _read_sidecar(self) -> dict:
         try:
