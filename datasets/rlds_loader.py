@@ -398,7 +398,7 @@ class RLDSDataset:
 
     def cache_dirs(self) -> list[Path]:
         user = user_cache_root() / hashlib.sha1(self.dir.encode()).hexdigest()[:16]
-        if "://" in self.dir or os.environ.get(CACHE_ENV):
+        if "://" in self.dir:
             return [user]
         d = Path(self.dir)
         # Owner write bit, not os.access: root may write anywhere, but a read-only dataset stays untouched.
