@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import struct
 import tempfile
@@ -184,9 +185,7 @@ class RLDSDataset:
         try:
             ep = next(iter(self.episode_tensors(decode_images=True, parallel_calls=1).take(1)), None)
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-            msg = exc.message.split("\n")[0]
-            raise DatasetError(msg if msg.startswith("dataset ") else
-                               f"dataset {self.dir!r}: split {self.split!r}: first episode unreadable: {msg}") from None
+            raise dataset_error_from_tf(exc, f"dataset {self.dir!r}: split {self.split!r}: first episode unreadable") from None
         if ep is not None and int(ep["action"].shape[-1]) != self.action_dim:
             raise self._field_error(self.entry.action, f"{self.action_dim} action values", int(ep["action"].shape[-1]))
 
@@ -342,11 +341,12 @@ class RLDSDataset:
         h, w, _ = self.image_shape
         frames = tf.map_fn(lambda b: tf.io.decode_image(b, channels=3, expand_animations=False), encoded,
                            fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
-        tf.debugging.assert_equal(
+        check = tf.debugging.assert_equal(
             tf.shape(frames)[1:3], tf.constant([h, w]),
             message=f"dataset {self.dir!r}: field 'steps/{self.camera}': a frame does not have the declared "
                     f"shape {self.image_shape} (features.json)")
-        return tf.ensure_shape(frames, [None, h, w, 3])
+        with tf.control_dependencies([check]):
+            return tf.ensure_shape(tf.identity(frames), [None, h, w, 3])
 
     # -- one pass over the metadata: instructions and action statistics, cached -------------------
     def scan(self) -> dict[str, Any]:
@@ -426,6 +426,18 @@ class RLDSDataset:
                 return
             except OSError:
                 continue
+
+
+def dataset_error_from_tf(exc: tf.errors.OpError, context: str) -> DatasetError:
+    """Our own assertion messages (dataset, field, declared shape) out of a tf.data error."""
+    text = exc.message.replace("\\'", "'")
+    ours = re.search(r"(dataset '.*?\(features\.json\))", text)
+    got = re.search(r"\[x \(.*?\) = \] \[(\d+) (\d+)\]", text)
+    if ours and got:
+        return DatasetError(f"{ours.group(1)}, got {got.group(1)}x{got.group(2)} frames in the shards")
+    if ours:
+        return DatasetError(ours.group(1))
+    return DatasetError(f"{context}: {text.splitlines()[0] if text else type(exc).__name__}")
 
 
 def action_statistics(a: np.ndarray) -> dict[str, Any]:
@@ -554,5 +566,12 @@ class TorchBatches(torch.utils.data.IterableDataset):
         self.ds = ds.padded_batch(batch_size, drop_remainder=repeat).prefetch(prefetch)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        for batch in self.ds.as_numpy_iterator():
+        it = self.ds.as_numpy_iterator()
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
+                raise dataset_error_from_tf(exc, "reading training batches") from None
             yield {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}  # tf hands out read-only arrays
