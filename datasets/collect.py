@@ -133,7 +133,11 @@ def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | 
     obs_spec, act_spec = probe.observation_spec(), probe.action_spec()
     probe.close()
     sidecar = {"env": env_name, "tasks": tasks, "image_size": image_size, "camera": camera, "seed": seed,
-               "noise": noise, "action_names": list(envs.ACTION_NAMES),
+               "noise": noise,
+               # the env's own names when it has them (Meta-World: 4), else the tabletop suite's (5)
+               "action_names": list(getattr(envs, "ACTION_NAMES_BY_ENV", {}).get(env_name, envs.ACTION_NAMES))
+               if len(getattr(envs, "ACTION_NAMES_BY_ENV", {}).get(env_name, envs.ACTION_NAMES)) == act_spec.shape[0]
+               else [f"a{i}" for i in range(act_spec.shape[0])],
                "action_low": np.asarray(act_spec.minimum, np.float32).tolist(),
                "action_high": np.asarray(act_spec.maximum, np.float32).tolist()}
     sidecar["keep_failures"] = keep_failures

@@ -10,6 +10,7 @@ same on every run, so a resumed run that skips the batches it has seen continues
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +23,7 @@ from datasets.rlds_loader import (DataKeys, DatasetError, RLDSDataset, SequenceS
 from datasets.tf_setup import tf
 
 _DEFAULT_CAMERA = "observation/image"
+CACHE_BUDGET_BYTES = 4 * 2**30  # decoded frames held by data.cache_in_memory, per process
 
 
 @dataclass
@@ -125,10 +127,19 @@ def open_training_inputs(cfg: Any, data_path: str | Path | None, *, rank: int = 
     ids = {s: i for i, s in enumerate(instructions)}
     spec = SequenceSpec(d.sequence, d.sequence_length, cfg.model.image.image_size, crop_pad=d.crop_pad,
                         parallel_calls=d.parallel_calls)
+    cache = bool(d.cache_in_memory)
+    if cache:  # a cache larger than memory is the classic RLDS loader death: fall back to streaming
+        size = cfg.model.image.image_size
+        frames = scan["num_transitions"] / max(world_size, 1)
+        est = frames * (size * size * 3 if size else int(np.prod(first.image_shape)))
+        if est > CACHE_BUDGET_BYTES:
+            warnings.warn(f"data.cache_in_memory: the decoded dataset would take ~{est / 2**30:.1f} GiB "
+                          f"(> {CACHE_BUDGET_BYTES / 2**30:.0f} GiB); streaming from disk instead", stacklevel=2)
+            cache = False
     with_embedding = all(ds.embedding_dim for ds in datasets) and len({ds.embedding_dim for ds in datasets}) == 1
     seqs = []
     for i, ds in enumerate(datasets):
-        s = make_sequences(ds, spec, ids, shuffle=True, seed=seed + 1000 * i, cache=d.cache_in_memory,
+        s = make_sequences(ds, spec, ids, shuffle=True, seed=seed + 1000 * i, cache=cache,
                            shuffle_buffer=d.shuffle_buffer, shard=(rank, world_size))
         if not with_embedding and ds.embedding_dim:
             s = s.map(lambda el: {k: v for k, v in el.items() if k != "instruction_embedding"})

@@ -143,3 +143,27 @@ def test_fractal_schema_reads_through_its_entry(tmp_path):
 def test_builtin_schema_keys_documented():
     for name, d in BUILTIN.items():
         entry_from_dict(name, d)  # every built-in entry passes the same validation a user's does
+
+
+def test_codepoint_instructions_and_proprio_off(tmp_path):
+    """language_table stores the instruction as 0-padded UTF-8 code points; an entry decodes them."""
+    from dm_env import specs
+
+    from datasets.rlds_writer import Episode, write_episodes
+
+    text = "push the red star to the left"
+    codes = np.zeros(64, np.int32)
+    codes[:len(text)] = [ord(c) for c in text]
+    rng = np.random.default_rng(0)
+    obs = [{"rgb": rng.integers(0, 255, (12, 20, 3), dtype=np.uint8), "instruction": codes,
+            "effector_translation": np.zeros(2, np.float32)} for _ in range(4)]
+    ep = Episode(obs, [np.full(2, 0.01 * i, np.float32) for i in range(3)], [0.0] * 3, [1.0] * 3, False, {
+        "task": "push", "instruction": text, "seed": 0, "success": True, "env": "lt", "env_version": "1"})
+    spec = {"rgb": specs.Array((12, 20, 3), np.uint8, name="rgb"), "instruction": specs.Array((64,), np.int32),
+            "effector_translation": specs.Array((2,), np.float32)}
+    path = write_episodes(tmp_path / "lt", [ep], spec, specs.Array((2,), np.float32), {})
+    f = tmp_path / "e.yaml"
+    f.write_text(json.dumps({"lt": {k: v for k, v in BUILTIN["language_table"].items() if k != "match"}}))
+    ds = RLDSDataset(path, standardization=str(f), use_proprio=False)
+    assert ds.instructions == [text] and ds.image_shape == (12, 20, 3) and ds.proprio_dim == 0
+    assert ds.action_names == ["dx", "dy"] and ds.scan()["num_transitions"] == 3
