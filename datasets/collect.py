@@ -95,6 +95,15 @@ def iter_episodes(requests: list[EpisodeRequest], workers: int) -> Iterator:
         yield from pool.imap(_worker, requests, chunksize=2)
 
 
+def _action_names(env_name: str, size: int) -> list[str]:
+    """The env's own action names (envs.ACTION_NAMES_BY_ENV where it exists), else the tabletop suite's,
+    used only if they fit the action size."""
+    import envs
+
+    names = list(getattr(envs, "ACTION_NAMES_BY_ENV", {}).get(env_name, envs.ACTION_NAMES))
+    return names if len(names) == size else [f"a{i}" for i in range(size)]
+
+
 @dataclass
 class CollectResult:
     path: str
@@ -133,11 +142,7 @@ def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | 
     obs_spec, act_spec = probe.observation_spec(), probe.action_spec()
     probe.close()
     sidecar = {"env": env_name, "tasks": tasks, "image_size": image_size, "camera": camera, "seed": seed,
-               "noise": noise,
-               # the env's own names when it has them (Meta-World: 4), else the tabletop suite's (5)
-               "action_names": list(getattr(envs, "ACTION_NAMES_BY_ENV", {}).get(env_name, envs.ACTION_NAMES))
-               if len(getattr(envs, "ACTION_NAMES_BY_ENV", {}).get(env_name, envs.ACTION_NAMES)) == act_spec.shape[0]
-               else [f"a{i}" for i in range(act_spec.shape[0])],
+               "noise": noise, "action_names": _action_names(env_name, act_spec.shape[0]),
                "action_low": np.asarray(act_spec.minimum, np.float32).tolist(),
                "action_high": np.asarray(act_spec.maximum, np.float32).tolist()}
     sidecar["keep_failures"] = keep_failures
