@@ -110,10 +110,6 @@ class Standardization:
             return list(self.action_low), list(self.action_high)
         return None
 
-    def with_overrides(self, **kw: Any) -> "Standardization":
-        from dataclasses import replace
-        return replace(self, **kw)
-
 
 def _fail(entry: str, key: str, expected: str, got: Any) -> StandardizationError:
     return StandardizationError(f"standardization entry {entry!r}, key {key!r}: expected {expected}, got {got!r}")

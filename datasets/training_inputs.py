@@ -18,8 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from datasets.rlds_loader import (DataKeys, DatasetError, RLDSDataset, SequenceSpec, TorchBatches,
-                                  action_statistics, make_sequences)
+from datasets.rlds_loader import DataKeys, DatasetError, RLDSDataset, SequenceSpec, TorchBatches, make_sequences
 from datasets.tf_setup import tf
 
 _DEFAULT_CAMERA = "observation/image"
