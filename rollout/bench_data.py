@@ -42,9 +42,13 @@ def bench_data(data: str, config: str | Path, batch_size: int = 64, window: int 
                          f"got {batch_size}, {window}, {image_size}")
     from datasets.tf_setup import tf
 
-    if threads > 0:  # set before any tf op runs
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    if threads > 0:
+        try:  # only possible before TensorFlow runs its first op (always so from the command line)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+        except RuntimeError:
+            threads = -1  # reported as "not set"
+
     from datasets.training_inputs import open_training_inputs
     from policy.config import load_config
 

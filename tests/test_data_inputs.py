@@ -159,3 +159,14 @@ def test_tokenizer_trained_once_and_cached(tmp_path):
     assert copy.read_bytes() == m1.read_bytes()
     with pytest.raises(FileNotFoundError, match="data.sentencepiece_model"):
         sentencepiece_model(instr, 32, given=tmp_path / "missing.model")
+
+
+def test_bench_data_reports_rate_first_batch_and_memory(dataset):
+    from rollout.bench_data import bench_data
+
+    path, _ = dataset
+    res = bench_data(str(path), ROOT / "configs" / "quickstart.yaml", batch_size=4, window=2, image_size=16,
+                     minutes=0.03, threads=0, sample_every_s=0.5)
+    assert res["frames_per_s"] > 0 and res["time_to_first_batch_s"] > 0 and res["batches"] > 0
+    assert res["first_batch_shape"] == [4, 2, 16, 16, 3] and len(res["rss_samples"]) >= 2
+    assert set(res["rss_mb"]) == {"before_open", "start", "minute_2", "end", "min", "max"}
