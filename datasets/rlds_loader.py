@@ -272,13 +272,17 @@ class RLDSDataset:
         """Raw RLDS episodes. Images stay encoded unless decode_images (decoding after the DDP shard and
         shuffle is cheaper: see episode_tensors)."""
         decoders = None
-        if not decode_images:
-            decoders = {"steps": {c: tfds.decode.SkipDecoding() for c in self.entry.cameras
-                                  if _get(self._steps, c) is not None and "/" not in c}}
-            obs_cams = [c.split("/", 1)[1] for c in self.entry.cameras
-                        if c.startswith("observation/") and _get(self._steps, c) is not None]
-            if obs_cams:
-                decoders["steps"]["observation"] = {c: tfds.decode.SkipDecoding() for c in obs_cams}
+        if not decode_images:  # every camera of the entry stays encoded (a nested dict of SkipDecoding)
+            decoders = {}
+            for cam in self.entry.cameras:
+                if _get(self._steps, cam) is None:
+                    continue
+                node = decoders
+                *parents, leaf = cam.split("/")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = tfds.decode.SkipDecoding()
+            decoders = {"steps": decoders}
         index, count = shard
         read = tfds.ReadConfig(shuffle_seed=seed if shuffle_files else None, interleave_cycle_length=4)
         ds = self.builder.as_dataset(split=self.split, decoders=decoders, shuffle_files=shuffle_files,
