@@ -166,7 +166,23 @@ def cmd_inspect(a: argparse.Namespace) -> dict:
            "action_names": ds.action_names, "instructions": scan["instructions"],
            "action_stats": scan["action_stats"], "sidecar": ds.sidecar}
     print(ds.builder.info.features)
-    print(json.dumps(out, indent=2))
+    print(f"dataset      {ds.dir} (TFDS name {ds.name!r}, standardization {e.name!r})")
+    print(f"splits       " + ", ".join(f"{k}={v}" for k, v in out["splits"].items()) + f"; {a.split}: {out['shards']} shard(s)")
+    print(f"episodes     {out['episodes']}, steps {out['steps']} (length mean {out['mean_episode_length']}, "
+          f"max {out['max_episode_length']})")
+    print(f"camera       {ds.camera} {list(ds.image_shape)} {ds.image_encoding} (cameras: {', '.join(e.cameras)})")
+    print(f"proprio      {e.proprio if ds.proprio_dim else '-'} ({ds.proprio_dim}); "
+          f"instruction embedding: {ds.embedding_dim or '-'}")
+    print(f"instructions {len(scan['instructions'])}:")
+    for text in scan["instructions"][:20]:
+        print(f"  {text}")
+    if len(scan["instructions"]) > 20:
+        print(f"  ... {len(scan['instructions']) - 20} more (all in --json)")
+    st = scan["action_stats"]
+    cols = ["mean", "std", "min", "max", "p01", "p99"]
+    print(f"{'action':<28}" + "".join(f"{c:>10}" for c in cols))
+    for j, name in enumerate(ds.action_names):
+        print(f"{name:<28}" + "".join(f"{st[c][j]:>10.4f}" for c in cols))
     return out
 
 
