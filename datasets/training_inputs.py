@@ -5,7 +5,8 @@
                                    # instruction [B] (index into inputs.instructions), proprio [B,T,P]
                                    # (if used), instruction_embedding [B,E] (if every dataset has one)
 
-Each rank reads a disjoint share of every dataset's episodes; for a given seed the batch stream is the
+Each rank reads a disjoint share of every dataset's episodes (pass the SAME seed on every rank: the shards
+are cut from the seeded file order); for a given seed the batch stream is the
 same on every run, so a resumed run that skips the batches it has seen continues exactly.
 """
 from __future__ import annotations
