@@ -36,7 +36,7 @@ ENTRY_KEYS = {
     "match": "TFDS dataset names this entry serves under standardization 'auto'",
     "match_env": "values of the 'env' field in our sidecar (policy_stack.json) this entry serves",
     "cameras": "step keys of camera images; the first is the default camera",
-    "instruction": "step key (or episode key, 'episode_metadata/...') of the instruction",
+    "instruction": "step key of the instruction",
     "instruction_encoding": "'text' (a string feature) or 'codepoints' (int array of UTF-8 code points, 0-padded)",
     "instruction_embedding": "optional step key of a precomputed instruction embedding (float vector)",
     "proprio": "optional step key of proprioception (float vector)",
