@@ -7,7 +7,7 @@ import pytest
 from datasets.collect import EpisodeRequest, collect, demo_seed, iter_episodes
 from datasets.rlds_loader import DatasetError, RLDSDataset, SequenceSpec, make_sequences
 from datasets.rlds_writer import write_episodes
-from tests.data_helpers import write_dataset
+from tests.test_data_helpers import write_dataset
 
 
 @pytest.fixture(autouse=True)

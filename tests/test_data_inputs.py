@@ -7,7 +7,7 @@ from datasets.tokenizer_cache import sentencepiece_model
 from datasets.training_inputs import open_training_inputs
 from policy.config import MixtureEntry, load_config
 from tests.conftest import ROOT
-from tests.data_helpers import write_dataset
+from tests.test_data_helpers import write_dataset
 
 LENGTHS = [5, 8, 3, 6, 4, 7]
 

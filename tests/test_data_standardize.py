@@ -8,7 +8,7 @@ import pytest
 from datasets.rlds_loader import RLDSDataset
 from datasets.standardize import BUILTIN, StandardizationError, entry_from_dict, load_registry
 from datasets.tf_setup import tfds
-from tests.data_helpers import write_dataset
+from tests.test_data_helpers import write_dataset
 
 
 @pytest.fixture(autouse=True)

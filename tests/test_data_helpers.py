@@ -1,4 +1,4 @@
-"""Small real RLDS datasets written to tmp dirs for the data tests."""
+"""Small real RLDS datasets written to tmp dirs for the data tests (helpers only; no tests here)."""
 from __future__ import annotations
 
 from pathlib import Path
