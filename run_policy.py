@@ -47,7 +47,8 @@ def cmd_collect(a: argparse.Namespace) -> dict:
 
     res = collect(a.env, parse_tasks(a.env, a.tasks), a.episodes_per_task, a.out, seed=a.seed,
                   image_size=a.image_size, camera=a.camera, workers=a.workers, noise=a.noise,
-                  keep_failures=a.keep_failures, image_encoding=a.image_encoding)
+                  keep_failures=a.keep_failures, image_encoding=a.image_encoding,
+                  episodes_per_shard=a.episodes_per_shard, overwrite=a.overwrite)
     print(f"wrote {res.episodes_written} episodes ({res.transitions} steps) to {res.path} in {res.seconds:.0f}s"
           + (f"; {res.episodes_failed} failed expert episodes" + (" kept" if a.keep_failures else " dropped")
              if res.episodes_failed else ""))
@@ -138,6 +139,16 @@ def cmd_bench(a: argparse.Namespace) -> dict:
 
     if isinstance(a.image_size, str) and a.what != "serve":
         raise ValueError(f"--image-size: expected one integer for bench {a.what}, got {a.image_size!r}")
+    if a.what == "data":
+        from rollout.bench_data import bench_data
+
+        if not a.data:
+            raise ValueError("bench data: expected --data PATH (an RLDS dataset directory), got none")
+        res = bench_data(a.data, a.config, batch_size=a.batch_size, window=a.window, image_size=a.image_size or 64,
+                         minutes=a.minutes, sequence=a.sequence, cache=not a.no_cache, crop_pad=a.crop_pad,
+                         parallel_calls=a.parallel_calls, threads=a.threads, overrides=a.overrides)
+        print(json.dumps({k: v for k, v in res.items() if k != "rss_samples"}, indent=2))
+        return res
     if a.what == "backbone":
         from rollout.bench_backbone import bench_backbone
 
@@ -186,17 +197,39 @@ def cmd_serve(a: argparse.Namespace) -> dict:
 
 
 def cmd_inspect(a: argparse.Namespace) -> dict:
-    from datasets.rlds_loader import DataKeys, RLDSDataset
+    from datasets.rlds_loader import RLDSDataset
 
-    keys = DataKeys(camera=a.camera, proprio=a.proprio or None, instruction=a.instruction)
-    ds = RLDSDataset(a.data, keys, split=a.split)
-    s = ds.summary()
-    out = {"path": s.path, "splits": {k: int(v.num_examples) for k, v in ds.builder.info.splits.items()},
-           "episodes": s.num_episodes, "transitions": ds.scan()["num_transitions"], "image_shape": list(s.image_shape),
-           "proprio_dim": s.proprio_dim, "action_dim": s.action_dim, "instructions": s.instructions,
-           "action_stats": s.action_stats, "features": str(ds.builder.info.features)}
-    print(out.pop("features"))
-    print(json.dumps(out, indent=2))
+    ds = RLDSDataset(a.data, split=a.split, standardization=a.standardization, camera=a.camera)
+    scan = ds.scan()
+    e = ds.entry
+    out = {"path": ds.dir, "name": ds.name, "standardization": e.name,
+           "splits": {k: int(v.num_examples) for k, v in ds.builder.info.splits.items()},
+           "shards": int(ds.builder.info.splits[a.split].num_shards), "episodes": scan["num_episodes"],
+           "steps": scan["num_transitions"], "max_episode_length": scan["max_episode_length"],
+           "mean_episode_length": round(scan["mean_episode_length"], 2),
+           "camera": ds.camera, "cameras": list(e.cameras), "image_shape": list(ds.image_shape),
+           "image_encoding": ds.image_encoding, "proprio": e.proprio, "proprio_dim": ds.proprio_dim,
+           "instruction_embedding_dim": ds.embedding_dim, "action_dim": ds.action_dim,
+           "action_names": ds.action_names, "instructions": scan["instructions"],
+           "action_stats": scan["action_stats"], "sidecar": ds.sidecar}
+    print(ds.builder.info.features)
+    print(f"dataset      {ds.dir} (TFDS name {ds.name!r}, standardization {e.name!r})")
+    print(f"splits       " + ", ".join(f"{k}={v}" for k, v in out["splits"].items()) + f"; {a.split}: {out['shards']} shard(s)")
+    print(f"episodes     {out['episodes']}, steps {out['steps']} (length mean {out['mean_episode_length']}, "
+          f"max {out['max_episode_length']})")
+    print(f"camera       {ds.camera} {list(ds.image_shape)} {ds.image_encoding} (cameras: {', '.join(e.cameras)})")
+    print(f"proprio      {e.proprio if ds.proprio_dim else '-'} ({ds.proprio_dim}); "
+          f"instruction embedding: {ds.embedding_dim or '-'}")
+    print(f"instructions {len(scan['instructions'])}:")
+    for text in scan["instructions"][:20]:
+        print(f"  {text}")
+    if len(scan["instructions"]) > 20:
+        print(f"  ... {len(scan['instructions']) - 20} more (all in --json)")
+    st = scan["action_stats"]
+    cols = ["mean", "std", "min", "max", "p01", "p99"]
+    print(f"{'action':<28}" + "".join(f"{c:>10}" for c in cols))
+    for j, name in enumerate(ds.action_names):
+        print(f"{name:<28}" + "".join(f"{st[c][j]:>10.4f}" for c in cols))
     return out
 
 
@@ -222,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--noise", type=float, default=0.0, help="expert action noise for diverse demonstrations")
     c.add_argument("--keep-failures", action="store_true", help="also write failed expert episodes (marked success=False)")
     c.add_argument("--image-encoding", default="png", choices=["png", "jpeg"])
+    c.add_argument("--episodes-per-shard", type=int, default=100, help="episodes per TFRecord shard")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset at --out (swapped in only once the new one is complete)")
     c.set_defaults(fn=cmd_collect)
 
     t = sub.add_parser("train", help="behaviour cloning from an RLDS dataset into a policy directory")
@@ -268,10 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      "latency at episode steps 1..1000 for every controller, side by side) or 'train' (training "
                                      "samples/s, seconds per step split into data/forward/backward/optimizer, "
                                      "peak memory) or 'serve' (policy server round trips over loopback vs in-process, "
-                                     "K clients at a rate: missed deadlines)")
-    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency", "train", "serve"])
+                                     "K clients at a rate: missed deadlines) or 'data' (training input pipeline: "
+                                     "frames/s as torch batches, time to first batch, RSS over the run)")
+    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency", "train", "serve", "data"])
     b.add_argument("--data", default=None,
-                   help="bench train: RLDS dataset (default: a tiny tabletop dataset collected into a temp dir)")
+                   help="bench data: RLDS dataset directory; bench train: RLDS dataset (default: a tiny tabletop "
+                        "dataset collected into a temp dir)")
+    b.add_argument("--batch-size", type=int, default=64, help="bench data: sequences per batch")
+    b.add_argument("--window", type=int, default=1, help="bench data: steps per sequence (T)")
+    b.add_argument("--sequence", default="window", choices=["window", "episode"], help="bench data: sequence mode")
+    b.add_argument("--minutes", type=float, default=1.0, help="bench data: how long to iterate")
+    b.add_argument("--no-cache", action="store_true", help="bench data: decode every epoch (no in-memory cache)")
+    b.add_argument("--crop-pad", type=int, default=0, help="bench data: RT-1 pad-and-random-crop pixels")
+    b.add_argument("--parallel-calls", type=int, default=-1, help="bench data: tf.data map calls (-1 AUTOTUNE)")
     b.add_argument("--policy", default=None, help="policy directory (bench step)")
     b.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="config for a freshly initialised policy (bench step, bench model)")
@@ -329,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect-data", help="print an RLDS dataset's schema, counts, instructions and action statistics")
     i.add_argument("data")
     i.add_argument("--split", default="train")
-    i.add_argument("--camera", default="observation/image")
-    i.add_argument("--proprio", default="observation/state")
-    i.add_argument("--instruction", default="observation/instruction")
+    i.add_argument("--standardization", default="auto",
+                   help="'auto', a registry entry (tabletop, metaworld, bridge, fractal20220817_data, "
+                        "language_table) or a YAML file of entries (docs/DATA.md)")
+    i.add_argument("--camera", default=None, help="camera key (default: the entry's first camera)")
     i.set_defaults(fn=cmd_inspect)
 
     for sp in (c, t, e, d, b, s, i):

@@ -94,6 +94,15 @@ def iter_episodes(requests: list[EpisodeRequest], workers: int) -> Iterator:
         yield from pool.imap(_worker, requests, chunksize=2)
 
 
+def _action_names(env_name: str, size: int) -> list[str]:
+    """The env's own action names (envs.ACTION_NAMES_BY_ENV where it exists), else the tabletop suite's,
+    used only if they fit the action size."""
+    import envs
+
+    names = list(getattr(envs, "ACTION_NAMES_BY_ENV", {}).get(env_name, envs.ACTION_NAMES))
+    return names if len(names) == size else [f"a{i}" for i in range(size)]
+
+
 @dataclass
 class CollectResult:
     path: str
@@ -111,7 +120,14 @@ class CollectResult:
 
 def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | Path, seed: int = 0,
             image_size: int = 64, camera: str | None = None, workers: int = 2, noise: float = 0.0,
-            keep_failures: bool = False, image_encoding: str = "png", progress: bool = True) -> CollectResult:
+            keep_failures: bool = False, image_encoding: str = "png", progress: bool = True,
+            episodes_per_shard: int = 100, overwrite: bool = False) -> CollectResult:
+    """Write `episodes_per_task` expert episodes per task to a new RLDS dataset at `out`.
+
+    Re-running: an existing complete dataset at `out` is refused unless `overwrite` (then it is replaced
+    only once the new one is complete); an interrupted run leaves only a hidden staging directory, removed
+    by the next run. Failed expert episodes are dropped unless `keep_failures` (then marked success=False).
+    """
     import envs
     from tqdm import tqdm
 
@@ -126,10 +142,12 @@ def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | 
     obs_spec, act_spec = probe.observation_spec(), probe.action_spec()
     probe.close()
     sidecar = {"env": env_name, "tasks": tasks, "image_size": image_size, "camera": camera, "seed": seed,
-               "noise": noise, "action_names": list(envs.ACTION_NAMES),
+               "noise": noise, "action_names": _action_names(env_name, act_spec.shape[0]),
                "action_low": np.asarray(act_spec.minimum, np.float32).tolist(),
                "action_high": np.asarray(act_spec.maximum, np.float32).tolist()}
-    writer = AtomicRLDSWriter(out, obs_spec, act_spec, sidecar, image_encoding)
+    sidecar["keep_failures"] = keep_failures
+    writer = AtomicRLDSWriter(out, obs_spec, act_spec, sidecar, image_encoding,
+                              episodes_per_shard=episodes_per_shard, overwrite=overwrite)
     per_task = {t: {"episodes": 0, "successes": 0, "steps": 0} for t in tasks}
     failed = 0
     start = time.perf_counter()

@@ -91,15 +91,27 @@ class AtomicRLDSWriter:
     """
 
     def __init__(self, out_dir: str | Path, observation_spec: Any, action_spec: specs.Array,
-                 sidecar: dict[str, Any], image_encoding: str = "png", episodes_per_shard: int = 100):
+                 sidecar: dict[str, Any], image_encoding: str = "png", episodes_per_shard: int = 100,
+                 overwrite: bool = False):
         from rlds.tfds import episode_writer  # imported here: `rlds` pulls in reverb, slow to import
 
         self.out_dir = Path(out_dir).resolve()
-        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+        self.overwrite = overwrite
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise FileExistsError(f"--out {str(self.out_dir)!r}: expected a directory path, it is a file")
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
+            if (self.out_dir / "dataset_info.json").is_file():
+                raise FileExistsError(f"--out {str(self.out_dir)!r}: already holds a complete dataset; pass "
+                                      "--overwrite to replace it (it is swapped only once the new one is complete)")
             raise FileExistsError(f"--out {str(self.out_dir)!r}: expected a new or empty directory, "
                                   "it already holds files (choose another path or delete it)")
         if image_encoding not in ("png", "jpeg"):
-            raise ValueError(f"image_encoding: expected 'png' or 'jpeg', got {image_encoding!r}")
+            raise ValueError(f"--image-encoding: expected 'png' or 'jpeg', got {image_encoding!r}")
+        if isinstance(episodes_per_shard, bool) or not isinstance(episodes_per_shard, int) or episodes_per_shard < 1:
+            raise ValueError(f"--episodes-per-shard: expected an integer >= 1, got {episodes_per_shard!r}")
+        # Staging directories of interrupted runs never read as a dataset; clear them now.
+        for stale in self.out_dir.parent.glob(f".{self.out_dir.name}.partial-*") if self.out_dir.parent.exists() else []:
+            shutil.rmtree(stale, ignore_errors=True)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.staging = self.out_dir.parent / f".{self.out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
         self.action_shape = tuple(action_spec.shape)
@@ -135,9 +147,16 @@ class AtomicRLDSWriter:
         info = {**self.sidecar, "num_episodes": self.num_episodes, "num_transitions": self.num_steps}
         (built / SIDECAR).write_text(json.dumps(info, indent=2, sort_keys=True))
         tfds.builder_from_directory(str(built))  # must read back before it is published
+        old = None
         if self.out_dir.exists():
-            self.out_dir.rmdir()  # only an empty directory reaches here (checked in __init__)
+            if self.overwrite:  # the old dataset stays in place until the new one is complete
+                old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(self.out_dir, old)
+            else:
+                self.out_dir.rmdir()  # only an empty directory reaches here (checked in __init__)
         os.replace(built, self.out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return self.out_dir
 
     def abort(self) -> None:
@@ -149,8 +168,10 @@ class AtomicRLDSWriter:
 
 
 def write_episodes(out_dir: str | Path, episodes: Iterable[Episode], observation_spec: Any,
-                   action_spec: specs.Array, sidecar: dict[str, Any], image_encoding: str = "png") -> Path:
-    writer = AtomicRLDSWriter(out_dir, observation_spec, action_spec, sidecar, image_encoding)
+                   action_spec: specs.Array, sidecar: dict[str, Any], image_encoding: str = "png",
+                   episodes_per_shard: int = 100, overwrite: bool = False) -> Path:
+    writer = AtomicRLDSWriter(out_dir, observation_spec, action_spec, sidecar, image_encoding,
+                              episodes_per_shard=episodes_per_shard, overwrite=overwrite)
     try:
         for ep in episodes:
             writer.add(ep)

@@ -130,7 +130,23 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureEntry:
+    path: str = ""  # an RLDS dataset directory or bucket path
+    weight: float = 1.0  # sampling weight (normalised over the mixture)
+    standardization: str = "auto"  # as data.standardization, for this dataset
+
+
+@dataclass
 class DataConfig:
+    # Which standardisation entry maps the dataset's keys to the policy's inputs: "auto" (by dataset
+    # name / our sidecar's env), a built-in entry name (datasets/standardize.py), or a YAML file of
+    # entries (docs/DATA.md). With "auto", the explicit keys below are used for our own datasets.
+    standardization: str = "auto"
+    # Several datasets sampled by weight; when given, --data may be omitted (then the mixture is all).
+    mixture: list[MixtureEntry] = field(default_factory=list)
+    crop_pad: int = 0  # RT-1's pad-and-random-crop inside tf.data, in pixels (0 = off)
+    parallel_calls: int = -1  # tf.data parallel map calls (-1 = AUTOTUNE)
+    sentencepiece_model: str = ""  # a given .model file; empty = train one on the instructions (cached)
     camera: str = "observation/image"  # path of the camera frame inside a step
     proprio_key: str = "observation/state"
     instruction_key: str = "observation/instruction"
@@ -288,6 +304,12 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _require(d.sequence in ("episode", "window"), "data.sequence", "'episode' or 'window'", d.sequence)
     _require(d.sequence_length >= 1, "data.sequence_length", ">= 1", d.sequence_length)
     _require(d.random_shift >= 0, "data.random_shift", ">= 0", d.random_shift)
+    _require(d.crop_pad >= 0, "data.crop_pad", ">= 0 pixels", d.crop_pad)
+    _require(d.parallel_calls == -1 or d.parallel_calls >= 1, "data.parallel_calls", "-1 (AUTOTUNE) or >= 1",
+             d.parallel_calls)
+    for i, m in enumerate(d.mixture):
+        _require(bool(m.path), f"data.mixture[{i}].path", "a dataset directory", m.path)
+        _require(m.weight > 0, f"data.mixture[{i}].weight", "> 0", m.weight)
     _require(c.memory_horizon >= 0, "model.controller.memory_horizon", ">= 0", c.memory_horizon)
     if c.type == "rt1":
         pass  # rt1's history is model.controller.window; memory_horizon does not apply

@@ -33,7 +33,7 @@ from policy.action_tokenizer import ActionTokenizer, action_tokenizer_from_dict
 from policy.config import ConfigError, ExperimentConfig, config_to_dict
 from policy.distributed import (DistInfo, barrier, init_distributed, mean_over_ranks, shutdown, sync_buffers,
                                 wrap_model)
-from policy.language import TextTokenizer, train_sentencepiece
+from policy.language import TextTokenizer
 from policy.policy_dir import InputSpec, save_policy_dir
 from policy.train_step import EMA, Optimization, StepStats, TrainingError
 
@@ -171,56 +171,39 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 # -- data ---------------------------------------------------------------------------------------
 @dataclass
 class TrainingData:
-    """What training needs from the data layer: the opened dataset (keys, shapes, instructions,
-    action statistics) and a factory for this rank's endless micro-batch stream."""
-    dataset: Any  # datasets.rlds_loader.RLDSDataset
+    """What training needs from the data layer: the opened dataset (keys, shapes, action statistics), the
+    instruction list that batch["instruction"] indexes, and a factory for this rank's endless micro-batch stream."""
+    dataset: Any  # datasets.rlds_loader.RLDSDataset (the first one of a mixture)
+    instructions: list[str]
+    scan: dict
+    embedding_dim: int  # 0 when some dataset ships no precomputed instruction embedding
     micro_batch: int
     batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]  # batches(skip) -> stream after `skip` batches
 
 
-class _EpisodeShard:
-    """An RLDSDataset seen through tf.data .shard(world_size, rank) on episodes."""
+def _build_data(cfg: ExperimentConfig, data_path: str | Path | None, rank: int, world_size: int,
+                seed: int) -> TrainingData:
+    """This rank's share of the data (datasets/training_inputs.py) as micro-batches of
+    batch_size / (world_size * grad_accum). Every rank passes the same seed: the shards are cut from the
+    same seeded episode order, so they are disjoint."""
+    from datasets.training_inputs import open_training_inputs
 
-    def __init__(self, data: Any, world_size: int, rank: int):
-        self._data, self._n, self._i = data, world_size, rank
-
-    def episode_tensors(self, *args, **kwargs):
-        return self._data.episode_tensors(*args, **kwargs).shard(self._n, self._i)
-
-
-def _build_data(cfg: ExperimentConfig, data_path: str | Path, rank: int, world_size: int, seed: int) -> TrainingData:
-    """The data layer in one place (to be replaced by datasets.training_inputs.open_training_inputs):
-    this rank's shard of episodes -> sequences -> micro-batches of batch_size / (world_size * grad_accum)."""
-    from datasets.rlds_loader import DataKeys, RLDSDataset, SequenceSpec, TorchBatches, make_sequences
-    from datasets.tf_setup import tf
-
-    # tfds file shuffling draws from TF's global seed; the same seed on every rank gives every rank the
-    # same episode order, so that .shard(world_size, rank) splits it into disjoint shards.
-    tf.random.set_seed(seed)
-    keys = DataKeys(camera=cfg.data.camera, proprio=cfg.data.proprio_key if cfg.model.use_proprio else None,
-                    instruction=cfg.data.instruction_key)
-    data = RLDSDataset(data_path, keys)
-    if data.num_episodes < world_size:
-        raise ConfigError(f"--data {data.dir!r}: expected at least one episode per rank ({world_size} ranks), "
-                          f"the dataset has {data.num_episodes}")
     micro = cfg.train.batch_size // (world_size * cfg.train.grad_accum)
-    if micro * world_size * cfg.train.grad_accum != cfg.train.batch_size:
+    if micro < 1 or micro * world_size * cfg.train.grad_accum != cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: expected a multiple of world size x train.grad_accum "
                           f"({world_size} x {cfg.train.grad_accum}), got {cfg.train.batch_size}")
-    instruction_ids = {s: i for i, s in enumerate(data.instructions)}
-    source = _EpisodeShard(data, world_size, rank) if world_size > 1 else data
+    first = open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=seed, batch_size=micro)
+    if first.dataset.num_episodes < world_size:
+        raise ConfigError(f"--data {first.dataset.dir!r}: expected at least one episode per rank ({world_size} "
+                          f"ranks), the dataset has {first.dataset.num_episodes}")
 
     def batches(skip: int) -> Iterator[dict[str, torch.Tensor]]:
-        seq = make_sequences(source, SequenceSpec(cfg.data.sequence, cfg.data.sequence_length,
-                                                  cfg.model.image.image_size),
-                             instruction_ids, shuffle=True, seed=seed, cache=cfg.data.cache_in_memory,
-                             shuffle_buffer=cfg.data.shuffle_buffer)
-        stream = TorchBatches(seq, micro)
-        if skip:
-            stream.ds = stream.ds.skip(skip)  # resume: the same order, minus what was consumed
-        return iter(stream)
+        if not skip:
+            return first.batches
+        return open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=seed,
+                                    batch_size=micro, skip_batches=skip).batches
 
-    return TrainingData(data, micro, batches)
+    return TrainingData(first.dataset, first.instructions, first.scan, first.embedding_dim, micro, batches)
 
 
 # -- checks before the first step -----------------------------------------------------------------
@@ -281,8 +264,10 @@ class _BCForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids, ids_mask, images, proprio, mask):
-        return self.model(images, self.model.encode_instruction(ids, ids_mask), proprio, mask)
+    def forward(self, ids, ids_mask, images, proprio, mask, embedding=None):
+        context = (self.model.encode_embedding(embedding) if embedding is not None
+                   else self.model.encode_instruction(ids, ids_mask))
+        return self.model(images, context, proprio, mask)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -301,11 +286,11 @@ class Trainer:
         if resume:
             meta = ckpt.read_run_meta(self.out_dir)
             data_path = data_path or meta["data"]
-        if not data_path:
-            raise ConfigError("--data: expected an RLDS dataset directory, got none")
+        if not data_path and not cfg.data.mixture:
+            raise ConfigError("--data: expected an RLDS dataset directory (or data.mixture in the config), got none")
         if self.info.is_main:
             check_writable(self.out_dir)
-        self.data_path = str(data_path)
+        self.data_path = str(data_path) if data_path else None
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
         random.seed(t.seed)
@@ -316,7 +301,13 @@ class Trainer:
         data = self.dataset = self.inputs.dataset
         source = _source_policy(cfg)
         check_fits_dataset(cfg, data, source[1] if source else None)
-        scan = data.scan()
+        scan = self.inputs.scan
+        self.uses_embedding = cfg.model.language.source == "embedding"
+        if self.uses_embedding and self.inputs.embedding_dim != 512:
+            raise ConfigError("model.language.source: 'embedding' expects every dataset to ship a precomputed "
+                              "512-d instruction embedding (Open X-Embodiment's natural_language_embedding), got "
+                              + (f"{self.inputs.embedding_dim}-d" if self.inputs.embedding_dim else "none")
+                              + f" in {data.dir!r}")
         self.action_stats = scan["action_stats"]
 
         # Tokenizers: explicit about where they come from (a resumed run keeps its own).
@@ -328,10 +319,14 @@ class Trainer:
         elif source and t.init_tokenizer:
             shutil.copyfile(source[0] / "tokenizer.model", tok_path)
         else:
-            train_sentencepiece(data.instructions, tok_path, cfg.model.language.vocab_size)
+            from datasets.tokenizer_cache import sentencepiece_model
+
+            # data.sentencepiece_model when given, else trained on the instructions (cached by their digest)
+            sentencepiece_model(self.inputs.instructions, cfg.model.language.vocab_size,
+                                cfg.data.sentencepiece_model, tok_path)
         self.tok_path = tok_path
         text = TextTokenizer(tok_path, cfg.model.language.max_tokens)
-        self.instr_ids, self.instr_mask = (torch.from_numpy(a) for a in text.encode(data.instructions))
+        self.instr_ids, self.instr_mask = (torch.from_numpy(a) for a in text.encode(self.inputs.instructions))
         if source and t.init_action_bounds:
             self.action_tok = action_tokenizer_from_dict(source[2]["tokenizer"])
             if not isinstance(self.action_tok, ActionTokenizer):
@@ -375,7 +370,7 @@ class Trainer:
         self.opt = Optimization(model, wrapped, self.optimizer, self.scheduler, t.grad_clip, t.autocast, self.info,
                                 self.ema, t.max_bad_steps)
         self.aug_gen = torch.Generator().manual_seed(t.seed)
-        self.spec = InputSpec(camera_key=cfg.data.camera.split("/")[-1], image_shape=tuple(data.image_shape),
+        self.spec = InputSpec(camera_key=(getattr(data, "camera", None) or cfg.data.camera).split("/")[-1], image_shape=tuple(data.image_shape),
                               proprio_key=cfg.data.proprio_key.split("/")[-1] if cfg.model.use_proprio else None,
                               proprio_dim=data.proprio_dim, action_dim=data.action_dim,
                               env={k: data.sidecar[k] for k in ("env", "camera", "image_size", "tasks")
@@ -387,7 +382,7 @@ class Trainer:
         if resume:
             self._resume()
         elif self.info.is_main:
-            ckpt.write_run_meta(self.out_dir, {"data": str(Path(self.data_path).resolve()),
+            ckpt.write_run_meta(self.out_dir, {"data": str(Path(self.data_path).resolve()) if self.data_path else None,
                                                "config": config_to_dict(cfg), "world_size": self.info.world_size})
         self._batches = self.inputs.batches(self.step * t.grad_accum)
 
@@ -458,8 +453,9 @@ class Trainer:
         idx = batch["instruction"]
         proprio = batch.get("proprio")
         mask = batch["mask"].to(dev)
+        embedding = batch["instruction_embedding"].float().to(dev) if self.uses_embedding else None
         logits = self.forward(self.instr_ids[idx].to(dev), self.instr_mask[idx].to(dev), images,
-                              proprio.to(dev) if proprio is not None else None, mask)
+                              proprio.to(dev) if proprio is not None else None, mask, embedding)
         targets = self.action_tok.tokenize(batch["action"]).to(dev)
         loss, acc = sequence_loss(logits.float(), targets, mask, self.cfg.train.label_sigma)
         return loss, acc, mask.sum()

@@ -125,7 +125,7 @@ def test_not_an_rlds_directory_is_named(tmp_path):
 
 def test_bad_key_names_available_keys(dataset):
     path, _ = dataset
-    with pytest.raises(DatasetError, match=r"camera key 'observation/wrist'.*observation/image"):
+    with pytest.raises(DatasetError, match=r"camera field .steps/observation/wrist.*observation/image"):
         RLDSDataset(path, DataKeys(camera="observation/wrist"))
 
 

@@ -1,0 +1,158 @@
+"""One call from a config to everything training reads: datasets, statistics, instructions, torch batches.
+
+    inputs = open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=cfg.train.seed)
+    batch = next(inputs.batches)   # image [B,T,H,W,3] uint8, action [B,T,A], mask [B,T] bool,
+                                   # instruction [B] (index into inputs.instructions), proprio [B,T,P]
+                                   # (if used), instruction_embedding [B,E] (if every dataset has one)
+
+Each rank reads a disjoint share of every dataset's episodes (pass the SAME seed on every rank: the shards
+are cut from the seeded file order); for a given seed the batch stream is the
+same on every run, so a resumed run that skips the batches it has seen continues exactly.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from datasets.rlds_loader import DataKeys, DatasetError, RLDSDataset, SequenceSpec, TorchBatches, make_sequences
+from datasets.tf_setup import tf
+
+_DEFAULT_CAMERA = "observation/image"
+CACHE_BUDGET_BYTES = 4 * 2**30  # decoded frames held by data.cache_in_memory, per process
+
+
+@dataclass
+class TrainingInputs:
+    dataset: RLDSDataset  # the first (or only) dataset: shapes, action names, sidecar
+    datasets: list[RLDSDataset]
+    weights: list[float]
+    scan: dict[str, Any]  # action_stats, max_episode_length, num_transitions, ... (pooled over a mixture)
+    instructions: list[str]  # batch["instruction"] indexes this list
+    batches: Iterator[dict[str, torch.Tensor]]
+    sequence: SequenceSpec
+    action_names: list[str] = field(default_factory=list)
+
+    @property
+    def action_dim(self) -> int:
+        return self.dataset.action_dim
+
+    @property
+    def proprio_dim(self) -> int:
+        return self.dataset.proprio_dim
+
+    @property
+    def embedding_dim(self) -> int:
+        return min(d.embedding_dim for d in self.datasets)
+
+    def tokenizer(self, cfg: Any, out_path: str | Path | None = None) -> Path:
+        """The sentencepiece model for these instructions (data.sentencepiece_model, or trained and cached)."""
+        from datasets.tokenizer_cache import sentencepiece_model
+
+        return sentencepiece_model(self.instructions, cfg.model.language.vocab_size,
+                                   cfg.data.sentencepiece_model, out_path)
+
+
+def open_dataset(cfg: Any, path: str | Path, standardization: str = "auto") -> RLDSDataset:
+    """Our own datasets (with a `collect` sidecar) read through the config's explicit keys under 'auto';
+    any other dataset through its standardisation entry."""
+    d = cfg.data
+    use_proprio = bool(cfg.model.use_proprio)
+    if standardization == "auto" and _has_sidecar(path):
+        return RLDSDataset(path, DataKeys(d.camera, d.proprio_key if use_proprio else None, d.instruction_key),
+                           use_proprio=use_proprio)
+    camera = None if d.camera == _DEFAULT_CAMERA else d.camera
+    return RLDSDataset(path, standardization=standardization, camera=camera, use_proprio=use_proprio)
+
+
+def _has_sidecar(path: str | Path) -> bool:
+    from datasets.rlds_loader import SIDECAR, resolve_dataset_dir
+
+    return tf.io.gfile.exists(f"{resolve_dataset_dir(path)}/{SIDECAR}")
+
+
+def pooled_scan(scans: list[dict[str, Any]]) -> dict[str, Any]:
+    """Statistics of several datasets together: exact count/mean/std/min/max; p01/p99 are the outermost
+    of the datasets' percentiles (a bound, not the pooled percentile)."""
+    if len(scans) == 1:
+        return dict(scans[0])
+    n = np.array([s["action_stats"]["count"] for s in scans], np.float64)[:, None]
+    mean = np.array([s["action_stats"]["mean"] for s in scans])
+    var = np.array([s["action_stats"]["std"] for s in scans]) ** 2
+    m = (n * mean).sum(0) / n.sum()
+    v = (n * (var + (mean - m) ** 2)).sum(0) / n.sum()
+    st = lambda k, f: f(np.array([s["action_stats"][k] for s in scans]), axis=0).tolist()  # noqa: E731
+    return {
+        "action_stats": {"mean": m.tolist(), "std": np.sqrt(v).tolist(), "min": st("min", np.min),
+                         "max": st("max", np.max), "p01": st("p01", np.min), "p99": st("p99", np.max),
+                         "count": int(n.sum())},
+        "num_transitions": int(sum(s["num_transitions"] for s in scans)),
+        "num_episodes": int(sum(s.get("num_episodes", 0) for s in scans)),
+        "max_episode_length": int(max(s["max_episode_length"] for s in scans)),
+        "mean_episode_length": float(sum(s["mean_episode_length"] * s.get("num_episodes", 1) for s in scans)
+                                     / max(sum(s.get("num_episodes", 1) for s in scans), 1)),
+        "instructions": sorted({i for s in scans for i in s["instructions"]}),
+    }
+
+
+def open_training_inputs(cfg: Any, data_path: str | Path | None, *, rank: int = 0, world_size: int = 1,
+                         seed: int = 0, repeat: bool = True, batch_size: int | None = None,
+                         skip_batches: int = 0) -> TrainingInputs:
+    """`batch_size`: sequences per torch batch (default cfg.train.batch_size; training passes its per-rank
+    micro-batch). `skip_batches`: start after that many batches of the seeded stream (exact resume)."""
+    d = cfg.data
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank/world_size: expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if d.mixture:
+        if data_path:
+            raise ValueError(f"--data {str(data_path)!r} and data.mixture: expected one of them, got both "
+                             "(list every dataset in data.mixture)")
+        sources = [(m.path, float(m.weight), m.standardization) for m in d.mixture]
+    else:
+        if not data_path:
+            raise ValueError("--data: expected an RLDS dataset directory (or data.mixture in the config), got none")
+        sources = [(str(data_path), 1.0, d.standardization)]
+    datasets = [open_dataset(cfg, p, s) for p, _, s in sources]
+    first = datasets[0]
+    for ds in datasets[1:]:
+        if ds.action_dim != first.action_dim:
+            raise DatasetError(f"data.mixture: dataset {ds.dir!r} has {ds.action_dim} action dimensions "
+                               f"({ds.entry.name}), expected {first.action_dim} like {first.dir!r}")
+        if ds.proprio_dim != first.proprio_dim:
+            raise DatasetError(f"data.mixture: dataset {ds.dir!r} has proprio of size {ds.proprio_dim}, expected "
+                               f"{first.proprio_dim} like {first.dir!r} (or set model.use_proprio=false)")
+    scan = pooled_scan([ds.scan() for ds in datasets])
+    instructions = sorted({i for ds in datasets for i in ds.instructions})
+    ids = {s: i for i, s in enumerate(instructions)}
+    spec = SequenceSpec(d.sequence, d.sequence_length, cfg.model.image.image_size, crop_pad=d.crop_pad,
+                        parallel_calls=d.parallel_calls)
+    cache = bool(d.cache_in_memory)
+    if cache:  # a cache larger than memory is the classic RLDS loader death: fall back to streaming
+        size = cfg.model.image.image_size
+        frames = scan["num_transitions"] / max(world_size, 1)
+        est = frames * (size * size * 3 if size else int(np.prod(first.image_shape)))
+        if est > CACHE_BUDGET_BYTES:
+            warnings.warn(f"data.cache_in_memory: the decoded dataset would take ~{est / 2**30:.1f} GiB "
+                          f"(> {CACHE_BUDGET_BYTES / 2**30:.0f} GiB); streaming from disk instead", stacklevel=2)
+            cache = False
+    with_embedding = all(ds.embedding_dim for ds in datasets) and len({ds.embedding_dim for ds in datasets}) == 1
+    seqs = []
+    for i, ds in enumerate(datasets):
+        s = make_sequences(ds, spec, ids, shuffle=True, seed=seed + 1000 * i, cache=cache,
+                           shuffle_buffer=d.shuffle_buffer, shard=(rank, world_size))
+        if not with_embedding and ds.embedding_dim:
+            s = s.map(lambda el: {k: v for k, v in el.items() if k != "instruction_embedding"})
+        seqs.append(s.repeat() if len(datasets) > 1 else s)
+    weights = [w for _, w, _ in sources]
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    mixed = seqs[0] if len(seqs) == 1 else tf.data.Dataset.sample_from_datasets(seqs, weights, seed=seed)
+    stream = TorchBatches(mixed, batch_size or cfg.train.batch_size, repeat=repeat)
+    if skip_batches:
+        stream.ds = stream.ds.skip(skip_batches)
+    batches = iter(stream)
+    return TrainingInputs(first, datasets, weights, scan, instructions, batches, spec, list(first.action_names))
