@@ -200,7 +200,7 @@ def test_fine_tune_reuses_tokenizer_and_action_bounds_explicitly(tiny_data, tmp_
 
 
 @pytest.mark.parametrize("overrides, error", [
-    (["data.camera=observation/wrist"], r"camera key 'observation/wrist': not in the dataset's steps"),
+    (["data.camera=observation/wrist"], r"camera field 'steps/observation/wrist' .*is not in the dataset"),
     (["model.image.image_size=96"], r"model.image.image_size: expected <= the dataset's frame size \(64x64"),
     (["data.action_bounds=spec", "data.action_low=[0,0,0]", "data.action_high=[1,1,1]"],
      r"data.action_low: expected 5 values \(the dataset's action size\), got 3"),
