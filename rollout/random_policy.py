@@ -21,10 +21,23 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 COLORS = ("red", "green", "blue")
 
 
+class _Slots(dict):
+    """Fills any template slot ({obj}, {other}, {pad}, {direction}, ...) with a coloured object: enough
+    words for an untrained policy's tokenizer."""
+
+    def __init__(self, color: str):
+        super().__init__()
+        self.color = color
+
+    def __missing__(self, key: str) -> str:
+        return "left" if key == "direction" else f"{self.color} cube"
+
+
 def tabletop_instructions() -> list[str]:
     import envs
 
-    return [t.format(color=c) for templates in envs.list_tasks("tabletop").values() for t in templates for c in COLORS]
+    return sorted({t.format_map(_Slots(c)) for templates in envs.list_tasks("tabletop").values()
+                   for t in templates for c in COLORS})
 
 
 def build_random_policy(out: str | Path, config: str | Path | ExperimentConfig | None = None,
