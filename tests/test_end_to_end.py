@@ -101,7 +101,7 @@ def run_cli(*args, timeout=300):
     return subprocess.run(CLI + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("sub", ["collect", "train", "eval", "demo", "bench", "inspect-data"])
+@pytest.mark.parametrize("sub", ["collect", "train", "eval", "demo", "bench", "serve", "inspect-data"])
 def test_every_subcommand_has_help(sub):
     out = run_cli(sub, "--help")
     assert out.returncode == 0 and "--json" in out.stdout
