@@ -12,6 +12,7 @@ augmentation and dropout RNGs are re-seeded from (seed, rank, step) at every ste
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import math
@@ -311,7 +312,11 @@ class Trainer:
         self.action_stats = scan["action_stats"]
 
         # Tokenizers: explicit about where they come from (a resumed run keeps its own).
-        work = self.out_dir / "work" if self.info.is_main else Path(tempfile.mkdtemp(prefix="policy-stack-rank-"))
+        if self.info.is_main:
+            work = self.out_dir / "work"
+        else:  # other ranks only need a tokenizer to read; theirs goes when the process ends
+            work = Path(tempfile.mkdtemp(prefix="policy-stack-rank-"))
+            atexit.register(shutil.rmtree, work, True)
         work.mkdir(parents=True, exist_ok=True)
         tok_path = work / "tokenizer.model"
         if resume and tok_path.is_file():
