@@ -8,6 +8,8 @@ action is the expert's clean action for the state reached (DART): demonstrations
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +120,36 @@ class CollectResult:
                 "seconds": round(self.seconds, 2), "per_task": self.per_task}
 
 
+class _DeferredInterrupt:
+    """Ctrl-C while an episode is being written is delivered right after it: an exception raised inside
+    TF's record writer can be swallowed there, and the run would go on as if nothing happened."""
+
+    def __init__(self):
+        self.critical = self.pending = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        if self.critical:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    def __enter__(self):
+        self.critical = True
+
+    def __exit__(self, *exc):
+        self.critical = False
+        if self.pending and exc[0] is None:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+
 def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | Path, seed: int = 0,
             image_size: int = 64, camera: str | None = None, workers: int = 2, noise: float = 0.0,
             keep_failures: bool = False, image_encoding: str = "png", progress: bool = True,
@@ -151,6 +183,7 @@ def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | 
     per_task = {t: {"episodes": 0, "successes": 0, "steps": 0} for t in tasks}
     failed = 0
     start = time.perf_counter()
+    guard = _DeferredInterrupt()
     try:
         bar = tqdm(iter_episodes(requests, workers), total=len(requests), desc="collect", unit="ep",
                    disable=not progress)
@@ -164,11 +197,14 @@ def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | 
                 failed += 1
                 if not keep_failures:
                     continue
-            writer.add(ep)
+            with guard:
+                writer.add(ep)
         path = writer.commit()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        guard.restore()
     summary = {t: {"expert_success": s["successes"] / max(s["episodes"], 1),
                    "mean_length": s["steps"] / max(s["episodes"], 1)} for t, s in per_task.items()}
     return CollectResult(str(path), writer.num_episodes, failed, writer.num_steps,
