@@ -1,6 +1,7 @@
 """Evaluation figures (matplotlib, Agg backend: no display needed): success per task and the TTM memory."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -82,8 +83,9 @@ def memory_figure(trace: Mapping[str, Any], path: str | Path) -> str:
         fig.colorbar(im, ax=ax, label="share of weight")
     axes[1].set_xlabel("episode step")
     status = "success" if trace.get("success") else "failure"
-    fig.suptitle(f"TTM memory over an episode: {trace.get('task', '')} '{trace.get('instruction', '')}' ({status})",
-                 fontsize=10)
+    # Instructions can be long: wrap them so the title stays inside the figure.
+    title = f"TTM memory over an episode: {trace.get('task', '')} ({status})\n'{trace.get('instruction', '')}'"
+    fig.suptitle("\n".join(textwrap.wrap(title, 90, replace_whitespace=False)), fontsize=10)
     fig.tight_layout()
     try:
         return _save(fig, path)
