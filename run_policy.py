@@ -287,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline CPU demo: collect -> train -> eval on the tabletop suite")
     d.add_argument("--out", default="demo_out")
     d.add_argument("--config", default=str(DEFAULT_CONFIG))
-    d.add_argument("--episodes-per-task", type=int, default=400)
+    # 1000: on the arm suite, 400 demonstrations per task gave 42% on unseen layouts, 1000 gave 73%
+    # (README "Measured"); the policy fits its training layouts either way.
+    d.add_argument("--episodes-per-task", type=int, default=1000)
     d.add_argument("--noise", type=float, default=0.2,
                    help="expert action noise while collecting (DART: the clean action is recorded)")
     d.add_argument("--eval-episodes", type=int, default=20)
