@@ -30,6 +30,7 @@ import dm_env
 import mujoco
 import numpy as np
 from dm_env import specs
+from envs.action_space import ACTION_MAX, ACTION_MIN, validate_action
 from metaworld.policies import ENV_POLICY_MAP, SawyerDoorOpenV3Policy, SawyerPegInsertionSideV3Policy
 
 BENCHMARKS = ("MT10", "MT50")
@@ -41,8 +42,6 @@ RENDER_QUALITIES = ("fast", "full")
 MW_MAX_STEPS = 500  # Meta-World's max_path_length: stepping past it raises inside Meta-World
 CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 DEFAULT_CAMERA = "corner2"
-ACTION_MIN = np.array([-1, -1, -1, -1, 0], dtype=np.float32)
-ACTION_MAX = np.ones(5, dtype=np.float32)
 # The tcp stays inside Meta-World's hand space (x in [-0.525, 0.525], y in [0.348, 1.025], z >= 0).
 STATE_MIN = np.array([-1, 0, -0.1, 0], dtype=np.float32)
 STATE_MAX = np.array([1, 1.5, 1, 1], dtype=np.float32)
@@ -399,15 +398,6 @@ class MetaWorldEnv(dm_env.Environment):
 
 def upright(frame: np.ndarray, rotate: bool) -> np.ndarray:
     return np.ascontiguousarray(frame[::-1, ::-1]) if rotate else frame
-
-
-def validate_action(action: Any) -> np.ndarray:
-    a = np.asarray(action, dtype=np.float64)
-    if a.shape != (5,):
-        raise ValueError(f"action must have shape (5,) = [dx, dy, dz, gripper, terminate], got shape {a.shape}")
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"action must be finite (5,) floats [dx, dy, dz, gripper, terminate], got {a.tolist()}")
-    return np.clip(a, ACTION_MIN, ACTION_MAX)
 
 
 def to_metaworld_action(a: np.ndarray) -> np.ndarray:

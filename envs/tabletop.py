@@ -16,6 +16,7 @@ import mujoco
 import numpy as np
 from dm_env import specs
 
+from envs.action_space import ACTION_MAX, ACTION_MIN, ACTION_SPEC_TEXT, validate_action
 from envs.ik import DampedLeastSquaresIK
 from envs.scene import (
     ARM_JOINTS,
@@ -37,8 +38,6 @@ from envs.scene import (
 from envs.tasks import TASKS, Episode, Task, describe
 
 CAMERAS = ("front", "wrist")
-ACTION_MIN = np.array([-1, -1, -1, -1, 0], dtype=np.float32)
-ACTION_MAX = np.ones(5, dtype=np.float32)
 
 # Where objects, pads and the tray may start (centre xy), and how far apart: far enough that the
 # open fingers never touch a neighbour while grasping.
@@ -192,7 +191,7 @@ class TabletopEnv(dm_env.Environment):
     def step(self, action: Any) -> dm_env.TimeStep:
         if self._needs_reset:
             return self.reset()
-        a = _validate_action(action)
+        a = validate_action(action, ACTION_SPEC_TEXT)
         d = self.data
         self._tcp_target = np.clip(self._tcp_target + a[:3] * MAX_DELTA, WORKSPACE_LOW, WORKSPACE_HIGH)
         self._q_cmd = self.ik.solve(self._q_cmd, self._tcp_target, GRIPPER_DOWN)
@@ -429,18 +428,6 @@ def _place(
         if apart and _clear_of_drawer(xy, radius):
             return xy
     return None
-
-
-def _validate_action(action: Any) -> np.ndarray:
-    a = np.asarray(action, dtype=np.float64)
-    if a.shape != (5,):
-        raise ValueError(
-            "action must have shape (5,) = [dx, dy, dz, gripper, terminate] (float32, bounds "
-            f"[-1, -1, -1, -1, 0]..[1, 1, 1, 1, 1]), got shape {a.shape}"
-        )
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"action must be finite (5,) floats [dx, dy, dz, gripper, terminate], got {a.tolist()}")
-    return np.clip(a, ACTION_MIN, ACTION_MAX)
 
 
 def _make_renderer(model: mujoco.MjModel, size: int) -> mujoco.Renderer:
