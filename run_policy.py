@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The command line: demo | collect | train | eval | bench | inspect-data.
+"""The command line: demo | collect | train | eval | bench | serve | inspect-data | plot-curves.
 
 Every subcommand that produces numbers writes them as JSON with --json PATH (schemas in README.md).
 """
@@ -196,6 +196,18 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     return {"served": a.policy}
 
 
+def cmd_plot_curves(a: argparse.Namespace) -> dict:
+    from rollout.curves import plot_curves
+
+    res = plot_curves(a.runs, a.out, labels=a.labels.split(",") if a.labels else None,
+                      tags=a.tags.split(",") if a.tags else None, smooth=a.smooth, title=a.title)
+    for label, tags in res["runs"].items():
+        print(label + ": " + ", ".join(f"{t} {v['first']:.3g} -> {v['last']:.3g} (step {v['last_step']})"
+                                       for t, v in tags.items()))
+    print(f"wrote {res['figure']}")
+    return res
+
+
 def cmd_inspect(a: argparse.Namespace) -> dict:
     from datasets.rlds_loader import RLDSDataset
 
@@ -373,6 +385,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_serve)
 
+    pc = sub.add_parser("plot-curves", help="plot training curves (loss, token accuracy, eval success) of runs side by side")
+    pc.add_argument("runs", nargs="+", help="run directories written by `train` (their tb/ event files are read)")
+    pc.add_argument("--out", required=True, metavar="PNG")
+    pc.add_argument("--labels", default=None, help="comma list, one per run (default: the run directory names)")
+    pc.add_argument("--tags", default=None,
+                    help="comma list of TensorBoard tags (default: train/loss, train/token_accuracy, eval/success_rate where logged)")
+    pc.add_argument("--smooth", type=int, default=1, help="moving average over this many logged points")
+    pc.add_argument("--title", default=None)
+    pc.set_defaults(fn=cmd_plot_curves)
+
     i = sub.add_parser("inspect-data", help="print an RLDS dataset's schema, counts, instructions and action statistics")
     i.add_argument("data")
     i.add_argument("--split", default="train")
@@ -382,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--camera", default=None, help="camera key (default: the entry's first camera)")
     i.set_defaults(fn=cmd_inspect)
 
-    for sp in (c, t, e, d, b, s, i):
+    for sp in (c, t, e, d, b, s, i, pc):
         sp.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     return p
 

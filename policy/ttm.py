@@ -15,6 +15,8 @@ Learned position embeddings over [M ; I] and [M ; I ; O] (and in the transformer
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -116,6 +118,7 @@ def check_controller_config(cfg: ControllerConfig, dim: int) -> None:
     require(cfg.layers >= 1, "layers", ">= 1")
     require(cfg.mlp_dim >= 1, "mlp_dim", ">= 1")
     require(0.0 <= cfg.dropout < 1.0, "dropout", "a value in [0, 1)")
+    require(math.isfinite(cfg.erase_bias), "erase_bias", "a finite number")
     if cfg.process_unit == "transformer" or cfg.memory_mode == "TL-MHA":
         require(cfg.heads >= 1 and dim % cfg.heads == 0, "heads", f"a divisor of the token width {dim}")
 
@@ -146,6 +149,8 @@ class TokenTuringMachine(nn.Module):
         self.process = ProcessUnit(cfg, dim)
         self.erase = nn.Linear(dim, dim) if cfg.memory_mode == "TL-AddErase" else None
         self.add = nn.Linear(dim, dim) if cfg.memory_mode == "TL-AddErase" else None
+        if self.erase is not None:
+            nn.init.constant_(self.erase.bias, cfg.erase_bias)
 
     def init_memory(self, batch: int) -> torch.Tensor:
         p = self.process.norm.weight
