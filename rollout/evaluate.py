@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dm_env
 import numpy as np
 
 SEEDS_PER_TASK = 1_000  # evaluation seed block of a task: EVAL_SEED_BASE + seed * 100_000 + task * 1_000 + i
@@ -43,6 +44,11 @@ class EpisodeRecord:
     return_: float
     action_digest: str  # hash of the episode's actions: equal digests = the same rollout
     video: str | None = None
+    # How it ended: "success", "time limit" or "policy terminated" (the terminate action), and the
+    # task's own record of what happened where it keeps one (tabletop: the target slot and, for
+    # stateful checks, e.g. cue_touch's first touch: a slot name, or "invalid" = too early or two at once).
+    outcome: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -215,8 +221,23 @@ def run_episode(job: EpisodeJob) -> EpisodeRecord:
         if job.video_path:
             frames.append(ts.observation[cam])
     video = write_video(Path(job.video_path), frames) if job.video_path else None
-    return EpisodeRecord(job.task, job.episode, job.seed, str(env.instruction), bool(env.success), int(env.step_count),
-                         total, digest.hexdigest(), video)
+    success = bool(env.success)
+    outcome = "success" if success else ("policy terminated" if ts.step_type == dm_env.StepType.LAST
+                                         and ts.discount == 0.0 else "time limit")
+    return EpisodeRecord(job.task, job.episode, job.seed, str(env.instruction), success, int(env.step_count),
+                         total, digest.hexdigest(), video, outcome, _episode_details(env))
+
+
+def _episode_details(env: Any) -> dict[str, Any]:
+    """JSON-safe scalars the env keeps about the episode (target slot, task state), else {}."""
+    details: dict[str, Any] = {}
+    target = getattr(env, "target", None)
+    if isinstance(target, str):
+        details["target"] = target
+    for k, v in dict(getattr(env, "task_state", {}) or {}).items():
+        if isinstance(v, (str, bool, int, float, np.generic)):
+            details[k] = v.item() if isinstance(v, np.generic) else v
+    return details
 
 
 def memory_trace(policy_dir: str | Path, env_name: str, task: str, seed: int, image_size: int, camera: str,

@@ -64,3 +64,21 @@ def test_eval_inputs_are_validated(policy_dir, tmp_path):
 
     with pytest.raises(ValueError, match="expected a .png file name"):
         success_chart({"reach": {"success_rate": 0.5, "episodes": 2}}, tmp_path / "chart.jpg")
+
+
+def test_records_say_how_each_episode_ended(policy_dir):
+    from envs.tabletop import task_max_steps
+    from envs.scene import OBJECTS
+
+    res = evaluate(policy_dir, tasks=["cue_touch", "reach"], episodes_per_task=3, workers=1, progress=False)
+    for r in res.to_json()["records"]:
+        assert r["outcome"] in ("success", "time limit", "policy terminated"), r
+        assert (r["outcome"] == "success") == r["success"]
+        if r["outcome"] == "time limit":
+            assert r["length"] == task_max_steps(r["task"])
+        if r["outcome"] == "policy terminated":
+            assert r["length"] < task_max_steps(r["task"])
+        assert r["details"]["target"] in OBJECTS
+        if r["task"] == "cue_touch" and "first_touch" in r["details"]:
+            assert r["details"]["first_touch"] in (*OBJECTS, "invalid")
+        json.dumps(r)  # JSON-safe
