@@ -157,6 +157,12 @@ def _cue_lamp(env: "TabletopEnv") -> tuple[float, float, float]:
     return LAMP_WHITE if env.step_count >= GO_STEP else LAMP_DARK
 
 
+def _cue_lit_lamp(env: "TabletopEnv") -> tuple[float, float, float]:
+    # cue_touch_lit, the control without the memory demand: the cue stays lit until the go light, so
+    # the last frames before the decision (and any 6-frame window at it) show it.
+    return LAMP_WHITE if env.step_count >= GO_STEP else RGB[env.episode.cue]
+
+
 def _over_tray(env: "TabletopEnv", slot: str) -> bool:
     rel = env.object_pos(slot) - env.tray_pos()
     return bool(np.all(np.abs(rel[:2]) < TRAY_INNER_HALF) and rel[2] > 0.06 and env.grasped(slot))
@@ -389,6 +395,23 @@ TASKS: dict[str, Task] = {
             distinct_colors=True,
             memory=True,
             lamp=_cue_lamp,
+        ),
+        # The same task with the cue lit until the go light: what a policy achieves on cue_touch when
+        # remembering is not needed (the colour-matching and reaching alone), for comparison.
+        Task(
+            "cue_touch_lit",
+            (
+                "when the coloured light turns white, touch the object of the colour it showed",
+                "wait for the lamp to go from its colour to white, then touch the object of that colour",
+                "touch the object matching the lamp's colour once the lamp turns white",
+                "the light shows a colour, then white, and on white you go to the object of its colour",
+            ),
+            _cue_touch_success,
+            experts.CueTouchExpert,
+            max_steps=50,
+            choose=_choose_cue,
+            distinct_colors=True,
+            lamp=_cue_lit_lamp,
         ),
         Task(
             "put_back",

@@ -455,3 +455,21 @@ def test_layouts_keep_out_of_the_drawer(make_env):
         env.reset(seed=seed)
         for xy in [env.object_pos(s)[:2] for s in OBJECTS] + [env.tray_pos()[:2]] + [env.pad_pos(p)[:2] for p in PADS]:
             assert not (np.all(xy > DRAWER_KEEPOUT_LOW) and np.all(xy < DRAWER_KEEPOUT_HIGH)), (seed, xy)
+
+
+def test_cue_touch_lit_shows_the_cue_until_go_and_a_window_sees_it(make_env):
+    """The control task: the same episode as cue_touch, with the cue lit until the go light."""
+    size = 96
+    env = make_env("cue_touch_lit", image_size=size, render=True)
+    assert not TASKS["cue_touch_lit"].memory
+    for seed in range(2):
+        ts = env.reset(seed=seed)
+        mask = _lamp_pixels(env, size)
+        cue = np.array(RGB[env.episode.cue])
+        assert env.episode.cue == env.target_color
+        frames = [ts.observation["image"]]
+        for _ in range(GO_STEP + 1):
+            frames.append(env.step(np.zeros(5, np.float32)).observation["image"])
+        rgb = [f[mask].mean(axis=0) / 255 for f in frames]
+        assert all(np.argmax(rgb[t]) == np.argmax(cue) and np.ptp(rgb[t]) > 0.15 for t in range(GO_STEP))
+        assert rgb[GO_STEP].min() > 0.6  # white "go", as in cue_touch
