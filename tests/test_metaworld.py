@@ -61,9 +61,11 @@ def test_specs_match_observations(make_env, task):
     obs_spec, act_spec = env.observation_spec(), env.action_spec()
     assert act_spec.shape == (5,) and act_spec.dtype == np.float32
     np.testing.assert_array_equal(act_spec.minimum, [-1, -1, -1, -1, 0])
-    assert obs_spec["image"].shape == (32, 32, 3) and obs_spec["state"].shape == (4,)
+    assert obs_spec["image"].shape == (32, 32, 3) and obs_spec["state"].shape == (7,)
     ts = env.reset(seed=1)
     assert ts.first()
+    # The goal (state[4:7]) is the episode's: MT benchmarks are fully observable.
+    np.testing.assert_allclose(ts.observation["state"][4:], env.mw._target_pos, atol=1e-6)
     for _ in range(3):
         for key, spec in obs_spec.items():
             spec.validate(ts.observation[key])
@@ -267,7 +269,7 @@ def test_make_vec_steps_a_batch_of_tasks():
     vec = envs.make_vec(MT10, ["reach", "push"], 3, image_size=32, asynchronous=False)
     try:
         obs, info = vec.reset(seed=0)
-        assert obs["image"].shape == (3, 32, 32, 3) and obs["state"].shape == (3, 4)
+        assert obs["image"].shape == (3, 32, 32, 3) and obs["state"].shape == (3, 7)
         assert list(info["task"]) == ["reach", "push", "reach"]
         assert obs["instruction"][1] in envs.list_tasks(MT10)["push"]
         obs, reward, terminated, truncated, info = vec.step(np.zeros((3, 5), np.float32))
