@@ -27,6 +27,8 @@ import torch
 from datasets.standardize import Standardization, StandardizationError, from_keys, select
 from datasets.tf_setup import tf, tfds
 
+MAX_OPEN_SHARDS = 32  # shards read at once when streaming episodes (episodes())
+
 SIDECAR = "policy_stack.json"
 CACHE_ENV = "TTM_POLICY_CACHE"  # overrides ~/.cache/ttm-policy
 
@@ -284,7 +286,14 @@ class RLDSDataset:
                 node[leaf] = tfds.decode.SkipDecoding()
             decoders = {"steps": decoders}
         index, count = shard
-        read = tfds.ReadConfig(shuffle_seed=seed if shuffle_files else None, interleave_cycle_length=4)
+        # Every shard round-robin, one episode at a time (up to MAX_OPEN_SHARDS files open). Datasets are
+        # often written one task per shard; reading 4 shards in blocks of 16 episodes (tfds' block) fed
+        # training one group of tasks after another, in the same order each epoch (the cache keeps the
+        # first epoch's order), and MT10's loss rose at every epoch boundary (docs/RESULTS.md 3c).
+        si = self.builder.info.splits[self.split]
+        n_shards = max(1, len(si.shard_lengths) or len(si.filepaths))
+        read = tfds.ReadConfig(shuffle_seed=seed if shuffle_files else None,
+                               interleave_cycle_length=min(n_shards, MAX_OPEN_SHARDS), interleave_block_length=1)
         ds = self.builder.as_dataset(split=self.split, decoders=decoders, shuffle_files=shuffle_files,
                                      read_config=read)
         if count > 1:

@@ -170,3 +170,13 @@ def test_bench_data_reports_rate_first_batch_and_memory(dataset):
     assert res["frames_per_s"] > 0 and res["time_to_first_batch_s"] > 0 and res["batches"] > 0
     assert res["first_batch_shape"] == [4, 2, 16, 16, 3] and len(res["rss_samples"]) >= 2
     assert set(res["rss_mb"]) == {"before_open", "start", "minute_2", "end", "min", "max"}
+
+
+def test_shards_are_read_round_robin_so_tasks_mix_from_the_first_episodes(tmp_path):
+    """A dataset written one task per shard (as `collect` does with one worker) must not feed training
+    one task after another: consecutive episodes come from different shards."""
+    tasks = [f"task {c}" for c in "abcd"]
+    path, _ = write_dataset(tmp_path / "ds", [3] * 12, [t for t in tasks for _ in range(3)], episodes_per_shard=3)
+    ds = RLDSDataset(path)
+    first = [ep["instruction"][0].decode() for ep in ds.episode_tensors(decode_images=False).take(4).as_numpy_iterator()]
+    assert sorted(first) == tasks, first
