@@ -286,14 +286,16 @@ class RLDSDataset:
                 node[leaf] = tfds.decode.SkipDecoding()
             decoders = {"steps": decoders}
         index, count = shard
-        # Every shard round-robin, one episode at a time (up to MAX_OPEN_SHARDS files open). Datasets are
-        # often written one task per shard; reading 4 shards in blocks of 16 episodes (tfds' block) fed
-        # training one group of tasks after another, in the same order each epoch (the cache keeps the
-        # first epoch's order), and MT10's loss rose at every epoch boundary (docs/RESULTS.md 3c).
+        # Shuffled (training) reads take every shard round-robin, one episode at a time (up to
+        # MAX_OPEN_SHARDS files open). Datasets are often written one task per shard; reading 4 shards in
+        # blocks of 16 episodes (tfds' block) fed training one group of tasks after another, in the same
+        # order each epoch (the cache keeps the first epoch's order), and MT10's loss rose at every epoch
+        # boundary (docs/RESULTS.md 3c). Unshuffled reads keep the dataset's own order.
         si = self.builder.info.splits[self.split]
         n_shards = max(1, len(si.shard_lengths) or len(si.filepaths))
+        cycle = min(n_shards, MAX_OPEN_SHARDS) if shuffle_files else 1
         read = tfds.ReadConfig(shuffle_seed=seed if shuffle_files else None,
-                               interleave_cycle_length=min(n_shards, MAX_OPEN_SHARDS), interleave_block_length=1)
+                               interleave_cycle_length=cycle, interleave_block_length=1)
         ds = self.builder.as_dataset(split=self.split, decoders=decoders, shuffle_files=shuffle_files,
                                      read_config=read)
         if count > 1:
