@@ -30,7 +30,11 @@ def read_scalars(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             merged.setdefault(tag, {}).update({e.step: e.value for e in acc.Scalars(tag)})
-    return {tag: (np.array(sorted(pts)), np.array([pts[s] for s in sorted(pts)])) for tag, pts in merged.items()}
+    out = {}
+    for tag, pts in merged.items():
+        steps = sorted(pts)
+        out[tag] = (np.array(steps), np.array([pts[s] for s in steps]))
+    return out
 
 
 def _smooth(values: np.ndarray, k: int) -> np.ndarray:

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import dm_env
 import numpy as np
 
 SEEDS_PER_TASK = 1_000  # evaluation seed block of a task: EVAL_SEED_BASE + seed * 100_000 + task * 1_000 + i
@@ -222,8 +221,9 @@ def run_episode(job: EpisodeJob) -> EpisodeRecord:
             frames.append(ts.observation[cam])
     video = write_video(Path(job.video_path), frames) if job.video_path else None
     success = bool(env.success)
-    outcome = "success" if success else ("policy terminated" if ts.step_type == dm_env.StepType.LAST
-                                         and ts.discount == 0.0 else "time limit")
+    # The loop ended on a last step: termination (discount 0) is success or the terminate action,
+    # truncation (discount 1) the step limit.
+    outcome = "success" if success else ("policy terminated" if ts.discount == 0.0 else "time limit")
     return EpisodeRecord(job.task, job.episode, job.seed, str(env.instruction), success, int(env.step_count),
                          total, digest.hexdigest(), video, outcome, _episode_details(env))
 
