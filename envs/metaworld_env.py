@@ -21,6 +21,7 @@ import os
 import pickle
 import tempfile
 import warnings
+import weakref
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
@@ -243,6 +244,9 @@ class MetaWorldEnv(dm_env.Environment):
         # Decided once from the initial pose, so a camera never flips orientation mid-episode.
         self._rotate = {c: bool(self.data.cam_xmat[i].reshape(3, 3)[2, 1] < 0) for c, i in self._cam_id.items()}
         self._renderer = _make_renderer(self.model, image_size, render_quality) if render else None
+        # An env dropped without close() frees its GL context at exit, before interpreter teardown
+        # (freeing mujoco's EGL renderer after that raises a traceback).
+        self._release_renderer = weakref.finalize(self, _close_renderer, self._renderer)
         self._blank = np.zeros((image_size, image_size, 3), np.uint8)
 
         self._episode_seed = 0
@@ -308,10 +312,8 @@ class MetaWorldEnv(dm_env.Environment):
         return specs.BoundedArray((5,), np.float32, ACTION_MIN, ACTION_MAX, name="action")
 
     def close(self) -> None:
-        # Explicit close: mujoco's EGL renderer otherwise raises during interpreter teardown.
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        self._release_renderer()  # runs once; the finalizer then does nothing at exit
+        self._renderer = None
         if self.mw is not None:
             self.mw.close()
 
@@ -507,6 +509,11 @@ def expert_policy(task: str):
     """The scripted Meta-World policy for `task` (patched where upstream falls short)."""
     cls = PATCHED_POLICIES.get(task) or ENV_POLICY_MAP[mw_name(task)]
     return cls()
+
+
+def _close_renderer(renderer: mujoco.Renderer | None) -> None:
+    if renderer is not None:
+        renderer.close()
 
 
 def _make_renderer(model: mujoco.MjModel, size: int, quality: str = "fast") -> mujoco.Renderer:

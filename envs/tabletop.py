@@ -9,6 +9,7 @@ position servos track them over SUBSTEPS physics steps.
 from __future__ import annotations
 
 import time
+import weakref
 from typing import Any
 
 import dm_env
@@ -124,6 +125,9 @@ class TabletopEnv(dm_env.Environment):
         self._obj_geom = {s: m.geom(s).id for s in OBJECTS}
 
         self._renderer = _make_renderer(m, image_size) if render else None
+        # An env dropped without close() frees its GL context at exit, before interpreter teardown
+        # (freeing mujoco's EGL renderer after that raises a traceback).
+        self._release_renderer = weakref.finalize(self, _close_renderer, self._renderer)
         self._blank = np.zeros((image_size, image_size, 3), np.uint8)
 
         self._episode_seed = 0
@@ -228,10 +232,8 @@ class TabletopEnv(dm_env.Environment):
         return specs.BoundedArray((5,), np.float32, ACTION_MIN, ACTION_MAX, name="action")
 
     def close(self) -> None:
-        # Explicit close: mujoco's EGL renderer otherwise raises during interpreter teardown.
-        if self._renderer is not None:
-            self._renderer.close()
-            self._renderer = None
+        self._release_renderer()  # runs once; the finalizer then does nothing at exit
+        self._renderer = None
 
     # ---- episode properties -----------------------------------------------------------------
 
@@ -428,6 +430,11 @@ def _place(
         if apart and _clear_of_drawer(xy, radius):
             return xy
     return None
+
+
+def _close_renderer(renderer: mujoco.Renderer | None) -> None:
+    if renderer is not None:
+        renderer.close()
 
 
 def _make_renderer(model: mujoco.MjModel, size: int) -> mujoco.Renderer:

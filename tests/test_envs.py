@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 
@@ -233,6 +235,34 @@ def test_gymnasium_step_flags_and_info():
         assert env.render().shape == (32, 32, 3)
     finally:
         env.close()
+
+
+def test_gymnasium_wrapper_exposes_the_wrist_camera():
+    env = envs.make_gym("tabletop", "reach", image_size=32, wrist_image=True)
+    try:
+        obs, _ = env.reset(seed=0)
+        assert obs["wrist_image"].shape == (32, 32, 3) and obs in env.observation_space
+        assert not np.array_equal(obs["wrist_image"], obs["image"])
+    finally:
+        env.close()
+
+
+def test_envs_dropped_without_close_exit_cleanly():
+    # mujoco's EGL renderer raises a traceback if it is freed during interpreter teardown; each env
+    # frees its renderer when collected or at exit instead.
+    script = (
+        "import gc, envs\n"
+        "e = envs.make('tabletop', 'lift', image_size=32); e.reset(seed=0)\n"
+        "d = envs.make('tabletop', 'reach', image_size=32); d.reset(seed=0); del d; gc.collect()\n"
+        "c = envs.make('tabletop', 'push', image_size=32); c.close(); c.close()\n"
+        "g = envs.make_gym('tabletop', 'reach', image_size=32); g.reset(seed=0)\n"
+        "print('done')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=120,
+                          env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")})
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
 
 
 def test_registry_defaults_camera_and_dispatches_the_expert(make_env):
