@@ -48,7 +48,7 @@ def cmd_collect(a: argparse.Namespace) -> dict:
     res = collect(a.env, parse_tasks(a.env, a.tasks), a.episodes_per_task, a.out, seed=a.seed,
                   image_size=a.image_size, camera=a.camera, workers=a.workers, noise=a.noise,
                   keep_failures=a.keep_failures, image_encoding=a.image_encoding,
-                  episodes_per_shard=a.episodes_per_shard, overwrite=a.overwrite)
+                  episodes_per_shard=a.episodes_per_shard, overwrite=a.overwrite, goals=a.goals)
     print(f"wrote {res.episodes_written} episodes ({res.transitions} steps) to {res.path} in {res.seconds:.0f}s"
           + (f"; {res.episodes_failed} failed expert episodes" + (" kept" if a.keep_failures else " dropped")
              if res.episodes_failed else ""))
@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--camera", default=None, help="camera (default: the env's, tabletop front, Meta-World corner2)")
     c.add_argument("--workers", type=int, default=2, help="worker processes running the simulator")
     c.add_argument("--noise", type=float, default=0.0, help="expert action noise for diverse demonstrations")
+    c.add_argument("--goals", default=None, choices=["benchmark", "random"],
+                   help="Meta-World: the 50 benchmark goals per task (default; more episodes repeat them) or a "
+                        "fresh random goal per episode")
     c.add_argument("--keep-failures", action="store_true", help="also write failed expert episodes (marked success=False)")
     c.add_argument("--image-encoding", default="png", choices=["png", "jpeg"])
     c.add_argument("--episodes-per-shard", type=int, default=100, help="episodes per TFRecord shard")

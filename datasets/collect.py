@@ -38,6 +38,11 @@ class EpisodeRequest:
     image_size: int
     camera: str
     noise: float
+    goals: str | None = None  # Meta-World: "benchmark" (the 50 MT goals) or "random"; None: the env's default
+
+
+def _env_kwargs(req: EpisodeRequest) -> dict[str, Any]:
+    return {} if req.goals is None else {"goals": req.goals}
 
 
 def run_expert_episode(req: EpisodeRequest, env=None):
@@ -47,7 +52,7 @@ def run_expert_episode(req: EpisodeRequest, env=None):
 
     own = env is None
     if own:
-        env = envs.make(req.env, task=req.task, image_size=req.image_size, camera=req.camera)
+        env = envs.make(req.env, task=req.task, image_size=req.image_size, camera=req.camera, **_env_kwargs(req))
     try:
         expert = envs.make_expert(env, noise=req.noise, seed=req.seed)  # tabletop or Meta-World
         ts = env.reset(seed=req.seed)
@@ -76,9 +81,10 @@ _WORKER_ENVS: dict[tuple, Any] = {}
 def _worker(req: EpisodeRequest):
     import envs
 
-    key = (req.env, req.task, req.image_size, req.camera)
+    key = (req.env, req.task, req.image_size, req.camera, req.goals)
     if key not in _WORKER_ENVS:  # one env per task per worker, reused across episodes
-        _WORKER_ENVS[key] = envs.make(req.env, task=req.task, image_size=req.image_size, camera=req.camera)
+        _WORKER_ENVS[key] = envs.make(req.env, task=req.task, image_size=req.image_size, camera=req.camera,
+                                      **_env_kwargs(req))
     return run_expert_episode(req, _WORKER_ENVS[key])
 
 
@@ -153,12 +159,14 @@ class _DeferredInterrupt:
 def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | Path, seed: int = 0,
             image_size: int = 64, camera: str | None = None, workers: int = 2, noise: float = 0.0,
             keep_failures: bool = False, image_encoding: str = "png", progress: bool = True,
-            episodes_per_shard: int = 100, overwrite: bool = False) -> CollectResult:
+            episodes_per_shard: int = 100, overwrite: bool = False, goals: str | None = None) -> CollectResult:
     """Write `episodes_per_task` expert episodes per task to a new RLDS dataset at `out`.
 
     Re-running: an existing complete dataset at `out` is refused unless `overwrite` (then it is replaced
     only once the new one is complete); an interrupted run leaves only a hidden staging directory, removed
     by the next run. Failed expert episodes are dropped unless `keep_failures` (then marked success=False).
+    `goals` (Meta-World only): "benchmark" cycles each task's 50 MT goals (the default; more than 50
+    episodes per task repeat goals), "random" draws a fresh goal per episode from the same ranges.
     """
     import envs
     from tqdm import tqdm
@@ -167,8 +175,15 @@ def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | 
 
     if episodes_per_task < 1:
         raise ValueError(f"--episodes-per-task: expected >= 1, got {episodes_per_task}")
+    if goals is not None:
+        if envs.env_family(env_name) != "metaworld":
+            raise ValueError(f"--goals: only Meta-World envs have goal sets; env {env_name!r} does not take it")
+        from envs.metaworld_env import GOALS
+
+        if goals not in GOALS:
+            raise ValueError(f"--goals: expected one of {list(GOALS)}, got {goals!r}")
     camera = envs.default_camera(env_name) if camera is None else camera  # recorded in the sidecar for eval
-    requests = [EpisodeRequest(env_name, task, demo_seed(seed, ti, i), image_size, camera, noise)
+    requests = [EpisodeRequest(env_name, task, demo_seed(seed, ti, i), image_size, camera, noise, goals)
                 for ti, task in enumerate(tasks) for i in range(episodes_per_task)]
     probe = envs.make(env_name, task=tasks[0], image_size=image_size, camera=camera)
     obs_spec, act_spec = probe.observation_spec(), probe.action_spec()
@@ -178,6 +193,8 @@ def collect(env_name: str, tasks: list[str], episodes_per_task: int, out: str | 
                "action_low": np.asarray(act_spec.minimum, np.float32).tolist(),
                "action_high": np.asarray(act_spec.maximum, np.float32).tolist()}
     sidecar["keep_failures"] = keep_failures
+    if goals is not None:
+        sidecar["goals"] = goals
     writer = AtomicRLDSWriter(out, obs_spec, act_spec, sidecar, image_encoding,
                               episodes_per_shard=episodes_per_shard, overwrite=overwrite)
     per_task = {t: {"episodes": 0, "successes": 0, "steps": 0} for t in tasks}

@@ -317,10 +317,32 @@ def test_collect_writes_metaworld_rlds(tmp_path):
 
     res = collect(MT10, ["reach"], 2, tmp_path / "mw", image_size=32, workers=1, progress=False)
     assert res.episodes_written == 2 and res.episodes_failed == 0
-    summary = RLDSDataset(res.path, DataKeys()).summary()
+    ds = RLDSDataset(res.path, DataKeys())
+    summary = ds.summary()
     assert summary.num_episodes == 2 and summary.image_shape == (32, 32, 3)
-    assert summary.proprio_dim == 4 and summary.action_dim == 5
+    assert summary.proprio_dim == 7 and summary.action_dim == 5  # tcp xyz, gripper, goal xyz
     assert set(summary.instructions) <= set(envs.list_tasks(MT10)["reach"])
+    benchmark = mwe.benchmark_goals("MT10")["reach"]
+    assert all(_is_benchmark_goal(g, benchmark) for g in _first_goals(ds))
+
+    # --goals random: a fresh goal per episode, recorded in the sidecar
+    res = collect(MT10, ["reach"], 2, tmp_path / "mw_random", image_size=32, workers=1, progress=False,
+                  goals="random")
+    ds = RLDSDataset(res.path, DataKeys())
+    assert ds.sidecar["goals"] == "random"
+    assert not any(_is_benchmark_goal(g, benchmark) for g in _first_goals(ds))
+    with pytest.raises(ValueError, match="--goals: only Meta-World"):
+        collect("tabletop", ["reach"], 1, tmp_path / "tt", goals="random", progress=False)
+
+
+def _first_goals(ds) -> list[np.ndarray]:
+    """The goal part of each episode's first state."""
+    return [next(iter(ep["steps"].batch(1)))["observation"]["state"].numpy()[0, 4:]
+            for ep in ds.episodes(decode_images=False)]
+
+
+def _is_benchmark_goal(goal, benchmark_vecs) -> bool:
+    return bool(np.any(np.all(np.abs(benchmark_vecs[:, -3:] - goal) < 1e-4, axis=1)))
 
 
 @pytest.mark.filterwarnings("ignore:Constant")  # upstream's move() warns when its gain saturates
