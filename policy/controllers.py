@@ -113,8 +113,12 @@ def make_controller(cfg: ControllerConfig, dim: int, num_input_tokens: int,
 
 def valid_first_order(step_mask: torch.Tensor | None) -> torch.Tensor | None:
     """[B,T] bool -> [B,T] step indices with the valid steps first (in time order), or None when there is
-    no padding. Padding then sits after every valid step, where causality keeps it from them."""
-    if step_mask is None or bool(step_mask.all()):
+    no mask (or, in eager mode, no padding). Padding then sits after every valid step, where causality keeps it from them."""
+    if step_mask is None:
+        return None
+    # Eager shortcut only: a data-dependent branch breaks a torch.compile graph, and without padding the
+    # gather/scatter below is the identity anyway.
+    if not torch.compiler.is_compiling() and bool(step_mask.all()):
         return None
     return torch.sort((~step_mask.bool()).to(torch.uint8), dim=1, stable=True).indices
 
