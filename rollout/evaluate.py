@@ -117,6 +117,12 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
         raise ValueError(f"--tasks: unknown task(s) {unknown} for env {env_name!r}; expected some of {known}")
     if memory_figure is not None:
         _require_ttm(policy_dir)
+    from rollout.plots import check_png_path
+
+    if chart is not None:  # checked before the rollouts, not after them
+        check_png_path(chart, "--chart")
+    if memory_figure is not None:
+        check_png_path(memory_figure, "--memory-figure")
     image_size = int(spec.image_shape[0])
     camera = trained_env.get("camera")  # None: the env's default camera
 
@@ -173,6 +179,9 @@ def _run_jobs(jobs: list[EpisodeJob], workers: int, threads: int):
                 yield run_episode(job)
         finally:
             _close_worker_envs()
+            # The next evaluate() in this process must load the policy again: training's in-loop
+            # evaluation rewrites the same policy directory with new weights.
+            _RUNNERS.clear()
         return
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
         yield from pool.imap_unordered(run_episode, jobs)

@@ -17,11 +17,21 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> str:
+def check_png_path(path: str | Path, name: str = "figure path") -> Path:
+    """Validate an output figure path before any work is done for it: a .png name in a directory that
+    exists or can be made."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise ValueError(f"figure path: expected a .png file name, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+        raise ValueError(f"{name}: expected a .png file name, got {str(path)!r}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{name}: cannot create the directory {str(path.parent)!r} ({e.strerror})") from e
+    return path
+
+
+def _save(fig, path: str | Path) -> str:
+    path = check_png_path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120, format="png")
     tmp.replace(path)

@@ -64,6 +64,27 @@ def test_eval_inputs_are_validated(policy_dir, tmp_path):
 
     with pytest.raises(ValueError, match="expected a .png file name"):
         success_chart({"reach": {"success_rate": 0.5, "episodes": 2}}, tmp_path / "chart.jpg")
+    # Output paths are checked before any rollout, not after them.
+    with pytest.raises(ValueError, match=r"--chart: expected a .png file name, got '.*chart.jpg'"):
+        evaluate(policy_dir, tasks=["reach"], episodes_per_task=1000, chart=tmp_path / "chart.jpg")
+    with pytest.raises(ValueError, match="--memory-figure: expected a .png file name"):
+        evaluate(policy_dir, tasks=["reach"], episodes_per_task=1000, memory_figure=tmp_path / "m.pdf")
+
+
+def test_each_evaluation_loads_the_weights_the_directory_holds_now(tmp_path):
+    # Training's in-loop evaluation rewrites one policy directory; evaluate() must not reuse the weights
+    # an earlier call in the same process loaded.
+    import shutil
+
+    d = tmp_path / "policy"
+    build_random_policy(d, seed=1)
+    first = evaluate(d, tasks=["reach"], episodes_per_task=1, progress=False).records[0].action_digest
+    shutil.rmtree(d)
+    build_random_policy(d, seed=2)
+    second = evaluate(d, tasks=["reach"], episodes_per_task=1, progress=False).records[0].action_digest
+    fresh = build_random_policy(tmp_path / "fresh", seed=2)
+    assert second != first
+    assert second == evaluate(fresh, tasks=["reach"], episodes_per_task=1, progress=False).records[0].action_digest
 
 
 def test_records_say_how_each_episode_ended(policy_dir):
