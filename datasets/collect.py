@@ -17,17 +17,30 @@ from typing import Any, Iterator
 
 import numpy as np
 
-# Demonstration seeds live below EVAL_SEED_BASE; evaluation seeds start there, so they never overlap.
+# Env seeds: --seed 0 demonstrations live below EVAL_SEED_BASE; evaluation seeds start there, in
+# MAX_EVAL_SEEDS blocks (rollout/evaluate.py); --seed s >= 1 demonstrations live above those. So no
+# demonstration ever replays an evaluation episode, and different --seed values never share an episode.
 EVAL_SEED_BASE = 1_000_000
 SEEDS_PER_TASK = 10_000
+MAX_TASKS = 100
+MAX_EVAL_SEEDS = 10_000  # eval --seed blocks of 100,000 seeds each
+EXTRA_DEMO_SEED_BASE = EVAL_SEED_BASE + MAX_EVAL_SEEDS * 100_000
+MAX_DEMO_SEED = 1_000  # keeps env seeds below 2**31
 
 
 def demo_seed(seed: int, task_index: int, episode: int) -> int:
-    s = seed * 100 * SEEDS_PER_TASK + task_index * SEEDS_PER_TASK + episode
-    if s >= EVAL_SEED_BASE or episode >= SEEDS_PER_TASK:
-        raise ValueError(f"--seed/--episodes-per-task: demonstration seed {s} would reach the evaluation "
-                         f"range (>= {EVAL_SEED_BASE}); use --seed < 1 and fewer than {SEEDS_PER_TASK} episodes per task")
-    return s
+    """The env seed of demonstration `episode` of task `task_index` in a collection with --seed `seed`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_DEMO_SEED:
+        raise ValueError(f"--seed: expected an integer in [0, {MAX_DEMO_SEED}], got {seed!r}")
+    if not 0 <= episode < SEEDS_PER_TASK:
+        raise ValueError(f"--episodes-per-task: expected at most {SEEDS_PER_TASK} (a task's seed block), "
+                         f"got {episode + 1}")
+    if not 0 <= task_index < MAX_TASKS:
+        raise ValueError(f"--tasks: expected at most {MAX_TASKS} tasks in one collection, got {task_index + 1}")
+    block = task_index * SEEDS_PER_TASK + episode
+    if seed == 0:
+        return block
+    return EXTRA_DEMO_SEED_BASE + (seed - 1) * MAX_TASKS * SEEDS_PER_TASK + block
 
 
 @dataclass(frozen=True)

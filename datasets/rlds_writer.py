@@ -99,18 +99,28 @@ class AtomicRLDSWriter:
         self.overwrite = overwrite
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise FileExistsError(f"--out {str(self.out_dir)!r}: expected a directory path, it is a file")
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
-            if (self.out_dir / "dataset_info.json").is_file():
+        # An .old-* copy is a dataset being overwritten: put back if a kill between commit's two renames
+        # left none at --out, else it is left over and removed.
+        parent = self.out_dir.parent
+        for old in sorted(parent.glob(f".{self.out_dir.name}.old-*")) if parent.exists() else []:
+            if not self.out_dir.exists():
+                os.replace(old, self.out_dir)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        if self.out_dir.exists() and any(self.out_dir.iterdir()):
+            is_dataset = (self.out_dir / "dataset_info.json").is_file()
+            if is_dataset and not overwrite:
                 raise FileExistsError(f"--out {str(self.out_dir)!r}: already holds a complete dataset; pass "
                                       "--overwrite to replace it (it is swapped only once the new one is complete)")
-            raise FileExistsError(f"--out {str(self.out_dir)!r}: expected a new or empty directory, "
-                                  "it already holds files (choose another path or delete it)")
+            if not is_dataset:  # --overwrite replaces a dataset, never a directory of other files
+                raise FileExistsError(f"--out {str(self.out_dir)!r}: expected a new or empty directory or an "
+                                      "existing dataset, it holds other files (choose another path or delete it)")
         if image_encoding not in ("png", "jpeg"):
             raise ValueError(f"--image-encoding: expected 'png' or 'jpeg', got {image_encoding!r}")
         if isinstance(episodes_per_shard, bool) or not isinstance(episodes_per_shard, int) or episodes_per_shard < 1:
             raise ValueError(f"--episodes-per-shard: expected an integer >= 1, got {episodes_per_shard!r}")
         # Staging directories of interrupted runs never read as a dataset; clear them now.
-        for stale in self.out_dir.parent.glob(f".{self.out_dir.name}.partial-*") if self.out_dir.parent.exists() else []:
+        for stale in parent.glob(f".{self.out_dir.name}.partial-*") if parent.exists() else []:
             shutil.rmtree(stale, ignore_errors=True)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.staging = self.out_dir.parent / f".{self.out_dir.name}.partial-{uuid.uuid4().hex[:8]}"

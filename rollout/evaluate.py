@@ -104,6 +104,10 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
     _check_int("--videos-per-task", videos_per_task, 0)
     _check_int("--workers", workers, 1)
     _check_int("--seed", seed, 0)
+    from datasets.collect import MAX_EVAL_SEEDS
+
+    if seed >= MAX_EVAL_SEEDS:  # above them live the demonstration seeds of collect --seed >= 1
+        raise ValueError(f"--seed: expected an integer < {MAX_EVAL_SEEDS} (an evaluation seed block), got {seed}")
     if episodes_per_task > SEEDS_PER_TASK:
         raise ValueError(f"--episodes-per-task: expected at most {SEEDS_PER_TASK} (a task's seed block), "
                          f"got {episodes_per_task}")

@@ -1,5 +1,6 @@
 """Collection into RLDS and back, re-run behaviour, and bad datasets named by dataset, file and field."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -53,6 +54,42 @@ def test_collect_metadata_shards_and_rerun(tmp_path):
     res2 = collect("tabletop", ["reach"], 1, out, image_size=32, workers=1, progress=False, overwrite=True)
     assert res2.episodes_written == 1 and RLDSDataset(out).num_episodes == 1
     assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == ["demos"]  # no staging or old copy left
+
+    # A kill between commit's two renames leaves the old dataset only as a hidden .old-* copy: the next run
+    # puts it back instead of losing it.
+    os.replace(out, tmp_path / ".demos.old-deadbeef")
+    with pytest.raises(FileExistsError, match="already holds a complete dataset"):
+        collect("tabletop", ["reach"], 1, out, image_size=32, workers=1, progress=False)
+    assert RLDSDataset(out).num_episodes == 1 and not list(tmp_path.glob(".demos.old-*"))
+
+    # --overwrite replaces a dataset, never a directory of other files.
+    other = tmp_path / "mine"
+    (other / "notes").mkdir(parents=True)
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="holds other files"):
+        collect("tabletop", ["reach"], 1, other, image_size=32, workers=1, progress=False, overwrite=True)
+    assert (other / "notes.txt").read_text() == "keep me" and (other / "notes").is_dir()
+
+
+def test_demonstration_seeds_never_meet_each_other_or_evaluation_seeds(tmp_path):
+    from rollout.evaluate import eval_seed
+
+    blocks = {s: {demo_seed(s, ti, i) for ti in (0, 1, 99) for i in (0, 1, 9_999)} for s in (0, 1, 2, 1000)}
+    assert all(not (blocks[a] & blocks[b]) for a in blocks for b in blocks if a < b)
+    evals = [eval_seed(0, 0, 0), eval_seed(9_999, 99, 999)]
+    assert all(x < min(evals) or x > max(evals) for b in blocks.values() for x in b)
+    assert max(blocks[1000]) < 2**31 and demo_seed(0, 3, 7) == 30_007  # --seed 0 seeds are unchanged
+    for bad, match in [((-1, 0, 0), "--seed: expected an integer in"), ((1001, 0, 0), "--seed"),
+                       ((0, 0, 10_000), "--episodes-per-task: expected at most 10000"),
+                       ((0, 100, 0), "--tasks: expected at most 100")]:
+        with pytest.raises(ValueError, match=match):
+            demo_seed(*bad)
+    with pytest.raises(ValueError, match="--seed: expected an integer < 10000"):
+        from rollout.evaluate import evaluate
+        evaluate(tmp_path / "missing", seed=10_000)
+    res = collect("tabletop", ["reach"], 1, tmp_path / "s1", seed=1, image_size=32, workers=1, progress=False)
+    assert res.episodes_written == 1
+    assert int(next(iter(RLDSDataset(res.path).episodes()))["seed"]) == demo_seed(1, 0, 0)
 
 
 @pytest.fixture
