@@ -92,7 +92,12 @@ def cmd_train(a: argparse.Namespace) -> dict:
 def cmd_eval(a: argparse.Namespace) -> dict:
     from rollout.evaluate import evaluate
 
-    tasks = parse_tasks(a.env or "tabletop", a.tasks) if a.tasks else None
+    tasks = None
+    if a.tasks:  # named for the env the policy will run in: --env, else the one it was trained on
+        from policy.policy_dir import load_policy_dir
+
+        env = a.env or load_policy_dir(a.policy).spec.env.get("env", "tabletop")
+        tasks = parse_tasks(env, a.tasks)
     res = evaluate(a.policy, a.env, tasks, a.episodes_per_task, seed=a.seed, video_dir=a.video_dir,
                    videos_per_task=a.videos_per_task, workers=a.workers, chart=a.chart,
                    memory_figure=a.memory_figure)
@@ -164,7 +169,7 @@ def cmd_bench(a: argparse.Namespace) -> dict:
     elif a.what == "step-latency":
         from rollout.bench_step_latency import bench_step_latency
 
-        res = bench_step_latency(a.config, tuple(a.controllers.split(",")), tuple(int(s) for s in a.at.split(",")),
+        res = bench_step_latency(a.config, tuple(a.controllers.split(",")), a.at,
                                  samples=a.samples, threads=a.threads, overrides=a.overrides, plot=a.plot)
     elif a.what == "train":
         from rollout.bench_train import bench_train
@@ -243,6 +248,38 @@ def cmd_inspect(a: argparse.Namespace) -> dict:
     for j, name in enumerate(ds.action_names):
         print(f"{name:<28}" + "".join(f"{st[c][j]:>10.4f}" for c in cols))
     return out
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: argparse names the flag when this raises."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _step_list(text: str) -> tuple[int, ...]:
+    """'1,10,100' -> (1, 10, 100): episode steps, each >= 1."""
+    try:
+        steps = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        steps = ()
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1, got {text!r}")
+    return steps
 
 
 def _image_size_arg(text: str) -> int | str:
@@ -327,39 +364,39 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", default=None,
                    help="bench data: RLDS dataset directory; bench train: RLDS dataset (default: a tiny tabletop "
                         "dataset collected into a temp dir)")
-    b.add_argument("--batch-size", type=int, default=64, help="bench data: sequences per batch")
-    b.add_argument("--window", type=int, default=1, help="bench data: steps per sequence (T)")
+    b.add_argument("--batch-size", type=_positive_int, default=64, help="bench data: sequences per batch")
+    b.add_argument("--window", type=_positive_int, default=1, help="bench data: steps per sequence (T)")
     b.add_argument("--sequence", default="window", choices=["window", "episode"], help="bench data: sequence mode")
-    b.add_argument("--minutes", type=float, default=1.0, help="bench data: how long to iterate")
+    b.add_argument("--minutes", type=_positive_float, default=1.0, help="bench data: how long to iterate")
     b.add_argument("--no-cache", action="store_true", help="bench data: decode every epoch (no in-memory cache)")
     b.add_argument("--crop-pad", type=int, default=0, help="bench data: RT-1 pad-and-random-crop pixels")
     b.add_argument("--parallel-calls", type=int, default=-1, help="bench data: tf.data map calls (-1 AUTOTUNE)")
     b.add_argument("--policy", default=None, help="policy directory (bench step)")
     b.add_argument("--config", default=str(DEFAULT_CONFIG),
                    help="config for a freshly initialised policy (bench step, bench model)")
-    b.add_argument("--steps", type=int, default=None,
+    b.add_argument("--steps", type=_positive_int, default=None,
                    help="timed steps (default 200; bench backbone: 20); bench model: policy steps compared (20)")
-    b.add_argument("--action-dims", type=int, default=11, help="bench model: action dimensions (RT-1: 11)")
+    b.add_argument("--action-dims", type=_positive_int, default=11, help="bench model: action dimensions (RT-1: 11)")
     b.add_argument("--proprio-dim", type=int, default=8, help="bench model: proprio size (if the config uses it)")
     b.add_argument("--device", default="cpu", help="bench model: torch device")
     b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="bench model / train: a config override, repeatable (e.g. --set model.controller.type=rt1)")
     b.add_argument("--controllers", default="ttm,rt1,causal_transformer,lstm",
                    help="bench step-latency: controller types compared (same tokenizer and head)")
-    b.add_argument("--at", default="1,10,100,1000", help="bench step-latency: episode steps reported")
-    b.add_argument("--samples", type=int, default=30,
+    b.add_argument("--at", type=_step_list, default=(1, 10, 100, 1000), help="bench step-latency: episode steps reported")
+    b.add_argument("--samples", type=_positive_int, default=30,
                    help="bench step-latency: timed calls of each step t (from the saved state after step t-1)")
     b.add_argument("--plot", default=None, metavar="PNG", help="bench step-latency: write a latency-vs-step plot")
-    b.add_argument("--clients", type=int, default=4, help="bench serve: concurrent robot sessions")
-    b.add_argument("--rate", type=float, default=10.0, help="bench serve: control rate per client (Hz)")
-    b.add_argument("--serve-threads", type=int, default=1, help="bench serve: torch threads (server and in-process)")
-    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--clients", type=_positive_int, default=4, help="bench serve: concurrent robot sessions")
+    b.add_argument("--rate", type=_positive_float, default=10.0, help="bench serve: control rate per client (Hz)")
+    b.add_argument("--serve-threads", type=_positive_int, default=1, help="bench serve: torch threads (server and in-process)")
+    b.add_argument("--threads", type=_positive_int, default=2)
     b.add_argument("--env", default="tabletop", help="bench env: tabletop, metaworld-mt10 or metaworld-mt50")
     b.add_argument("--tasks", default=None, help="bench env: 'all' (default) or a comma-separated list of tasks")
-    b.add_argument("--seeds", type=int, default=10, help="bench env: expert episodes per task (seeds 0..N-1)")
+    b.add_argument("--seeds", type=_positive_int, default=10, help="bench env: expert episodes per task (seeds 0..N-1)")
     b.add_argument("--camera", default=None, help="bench env: camera (default: the env's)")
     b.add_argument("--noise", type=float, default=0.0, help="bench env: expert action noise (std, action units)")
-    b.add_argument("--frames", type=int, default=100, help="bench env: rendered frames timed per task")
+    b.add_argument("--frames", type=_positive_int, default=100, help="bench env: rendered frames timed per task")
     b.add_argument("--upstream", action="store_true",
                    help="bench env (Meta-World): also run upstream policies directly on Meta-World, no adapter")
     b.add_argument("--image-size", type=_image_size_arg, default=None,
@@ -376,15 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="bind address; anything beyond loopback needs --token")
     s.add_argument("--port", type=int, default=8765, help="0 = any free port (printed)")
     s.add_argument("--token", default=None, help="auth token clients must send (default: $POLICY_SERVER_TOKEN)")
-    s.add_argument("--max-message-bytes", type=int, default=4 << 20)
-    s.add_argument("--rate-limit", type=float, default=200.0, help="messages per second per session (sustained)")
-    s.add_argument("--burst", type=int, default=50, help="messages per session above the sustained rate")
-    s.add_argument("--max-sessions", type=int, default=16)
+    s.add_argument("--max-message-bytes", type=_positive_int, default=4 << 20)
+    s.add_argument("--rate-limit", type=_positive_float, default=200.0, help="messages per second per session (sustained)")
+    s.add_argument("--burst", type=_positive_int, default=50, help="messages per session above the sustained rate")
+    s.add_argument("--max-sessions", type=_positive_int, default=16)
     s.add_argument("--model-thread", action="store_true",
                    help="run model calls on a worker thread (the loop stays responsive during long steps)")
-    s.add_argument("--max-batch", type=int, default=16,
+    s.add_argument("--max-batch", type=_positive_int, default=16,
                    help="sessions stepped together in one batched model call (1 = no batching)")
-    s.add_argument("--threads", type=int, default=1, help="torch threads")
+    s.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_serve)
 

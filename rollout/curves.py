@@ -47,6 +47,16 @@ def _smooth(values: np.ndarray, k: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
+def _default_labels(run_dirs: Sequence[str | Path]) -> list[str]:
+    """Each run's directory name, with as many parent parts as it takes to tell the runs apart."""
+    parts = [Path(r).resolve().parts for r in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels  # the same directory named twice: refused by the caller
+
+
 def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequence[str] | None = None,
                 tags: Sequence[str] | None = None, smooth: int = 1, title: str | None = None) -> dict:
     """Plot `tags` for every run into one PNG; returns {"figure": path, "runs": {label: {tag: {...}}}}
@@ -55,9 +65,15 @@ def plot_curves(run_dirs: Sequence[str | Path], out: str | Path, *, labels: Sequ
 
     if not run_dirs:
         raise ValueError("runs: expected at least one run directory, got none")
-    labels = list(labels) if labels else [Path(r).name for r in run_dirs]
+    labels = list(labels) if labels else _default_labels(run_dirs)
     if len(labels) != len(run_dirs):
         raise ValueError(f"labels: expected one per run ({len(run_dirs)}), got {len(labels)}")
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:  # the summary is keyed by label: a repeated one would drop a run
+        raise ValueError(f"labels: expected one distinct label per run, got {repeated} more than once")
+    from rollout.plots import check_png_path
+
+    check_png_path(out, "--out")  # before reading the event files
     if smooth < 1:
         raise ValueError(f"smooth: expected >= 1 points, got {smooth}")
     scalars = [read_scalars(r) for r in run_dirs]

@@ -388,6 +388,22 @@ def test_bench_model_counts_growing_history_cost():
     assert lstm["flops_per_step"]["first_step"]["per_component"]["controller"] > 0  # mkldnn LSTM is counted
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "step", "--steps", "-3"], "argument --steps: expected an integer >= 1, got '-3'"),
+    (["bench", "step", "--steps", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    (["bench", "model", "--threads", "0"], "argument --threads: expected an integer >= 1, got '0'"),
+    (["bench", "step-latency", "--at", "1,ten"], "argument --at: expected a comma list of integers >= 1, got '1,ten'"),
+    (["bench", "serve", "--rate", "-1"], "argument --rate: expected a number > 0, got '-1'"),
+    (["serve", "--policy", "p", "--max-sessions", "0"], "argument --max-sessions: expected an integer >= 1"),
+])
+def test_cli_numbers_are_checked_when_parsed(argv, message, capsys):
+    from run_policy import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bench_step_latency_cli_reports_every_controller_and_plots(tmp_path):
     out, plot = tmp_path / "latency.json", tmp_path / "latency.png"
     proc = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "bench", "step-latency", "--at", "1,4,12",

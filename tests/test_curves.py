@@ -63,3 +63,14 @@ def test_bad_inputs_are_named(tmp_path):
         plot_curves([run], tmp_path / "x.png", labels=["a", "b"])
     with pytest.raises(ValueError, match="expected a .png"):
         plot_curves([run], tmp_path / "x.jpg")
+    with pytest.raises(ValueError, match=r"labels: expected one distinct label per run, got \['a'\]"):
+        plot_curves([run, run], tmp_path / "x.png", labels=["a", "a"])
+
+
+def test_runs_with_the_same_directory_name_keep_distinct_labels(tmp_path):
+    a, b = tmp_path / "ttm" / "run", tmp_path / "rt1" / "run"
+    _log(a, {"train/loss": [(0, 5.0), (10, 4.0)]})
+    _log(b, {"train/loss": [(0, 6.0), (10, 5.5)]})
+    res = plot_curves([a, b], tmp_path / "x.png")
+    assert sorted(res["runs"]) == ["rt1/run", "ttm/run"]
+    assert res["runs"]["ttm/run"]["train/loss"]["last"] == pytest.approx(4.0)

@@ -71,6 +71,25 @@ def test_eval_inputs_are_validated(policy_dir, tmp_path):
         evaluate(policy_dir, tasks=["reach"], episodes_per_task=1000, memory_figure=tmp_path / "m.pdf")
 
 
+def test_cli_tasks_are_named_for_the_env_the_policy_was_trained_on(tmp_path, capsys):
+    import shutil
+
+    import run_policy
+
+    mw = tmp_path / "mw"
+    shutil.copytree(build_random_policy(tmp_path / "p", seed=4), mw)
+    meta = json.loads((mw / "policy.json").read_text())
+    meta["input"]["env"] = {"env": "metaworld-mt10", "camera": "corner2", "image_size": 64, "tasks": ["pick-place"]}
+    (mw / "policy.json").write_text(json.dumps(meta))
+    # Without --env, --tasks is checked against the policy's env (Meta-World), not the tabletop suite:
+    # the run gets past the task names and stops at the next check.
+    rc = run_policy.main(["eval", "--policy", str(mw), "--tasks", "pick-place", "--episodes-per-task", "0"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--episodes-per-task: expected an integer >= 1" in err and "--tasks" not in err
+    rc = run_policy.main(["eval", "--policy", str(mw), "--tasks", "lift", "--episodes-per-task", "1"])
+    assert rc != 0 and "for env 'metaworld-mt10'" in capsys.readouterr().err
+
+
 def test_each_evaluation_loads_the_weights_the_directory_holds_now(tmp_path):
     # Training's in-loop evaluation rewrites one policy directory; evaluate() must not reuse the weights
     # an earlier call in the same process loaded.
