@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -55,6 +56,34 @@ class TextTokenizer:
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         ids = np.full((len(texts), self.max_tokens), PAD_ID, dtype=np.int64)
         for i, text in enumerate(texts):
-            pieces = self.sp.encode(str(text).strip().lower())[: self.max_tokens - 1] + [self.sp.eos_id()]
+            pieces = self.sp.encode(str(text).strip().lower())
+            if len(pieces) > self.max_tokens - 1:
+                self._warn_truncated(str(text), len(pieces))
+            pieces = pieces[: self.max_tokens - 1] + [self.sp.eos_id()]
             ids[i, : len(pieces)] = pieces
         return ids, ids != PAD_ID
+
+    def longest(self, texts: Sequence[str]) -> tuple[int, str]:
+        """(pieces, text) of the longest text, without the end token."""
+        return max(((len(self.sp.encode(str(t).strip().lower())), str(t)) for t in texts), default=(0, ""))
+
+    def check_fits(self, texts: Sequence[str]) -> None:
+        """Training refuses instructions longer than max_tokens: cutting them silently dropped the words
+        that name the target (they come last in most templates)."""
+        n, text = self.longest(texts)
+        if n + 1 > self.max_tokens:
+            from policy.config import ConfigError
+
+            raise ConfigError(f"model.language.max_tokens: expected >= {n + 1} (the longest instruction, {text!r}, "
+                              f"is {n} tokens plus the end token), got {self.max_tokens}; raise it, or raise "
+                              "model.language.vocab_size so that words become single tokens")
+
+    def _warn_truncated(self, text: str, n: int) -> None:
+        # Training refuses instructions that do not fit (check_fits); at run time a longer, new one is cut
+        # and the policy reads only its start, so say so (once per instruction).
+        seen = self.__dict__.setdefault("_truncated", set())
+        if text not in seen:
+            seen.add(text)
+            warnings.warn(f"instruction {text[:60]!r}...: {n} tokens, the policy reads the first "
+                          f"{self.max_tokens - 1} (model.language.max_tokens={self.max_tokens} with the end token); "
+                          "the rest is ignored", stacklevel=3)

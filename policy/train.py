@@ -331,6 +331,7 @@ class Trainer:
                                 cfg.data.sentencepiece_model, tok_path)
         self.tok_path = tok_path
         text = TextTokenizer(tok_path, cfg.model.language.max_tokens)
+        text.check_fits(self.inputs.instructions)
         self.instr_ids, self.instr_mask = (torch.from_numpy(a) for a in text.encode(self.inputs.instructions))
         if source and t.init_action_bounds:
             self.action_tok = action_tokenizer_from_dict(source[2]["tokenizer"])

@@ -80,6 +80,16 @@ def test_sentencepiece_trained_from_instructions(tmp_path):
     assert not np.array_equal(ids[0], ids[1])
     with pytest.raises(ValueError, match="at least one"):
         train_sentencepiece(["", "  "], tmp_path / "x.model", 16)
+    # Too long for max_tokens: cut (training read the same ids) with one warning per instruction.
+    long = "pick up the red block then push the green block forward and touch the blue cube"
+    with pytest.warns(UserWarning, match=r"tokens, the policy reads the first 11 \(model.language.max_tokens=12"):
+        a, _ = tok.encode([long])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b, _ = tok.encode([long])  # the same instruction warns once
+    assert np.array_equal(a, b) and a[0, -1] == tok.sp.eos_id()
 
 
 def test_random_shift_moves_whole_sequences_within_the_pad():
