@@ -5,6 +5,10 @@
   tokenizer.model     sentencepiece model for instructions
   action_stats.json   action tokenizer bounds and names, dataset action statistics
   policy.json         format version and the input spec (camera key, image shape, proprio size)
+
+Saving swaps a filled staging directory `.NAME.tmp-*` in place of NAME, moving the previous one aside
+as `.NAME.old-*` until the new one is in; a process killed between the two renames leaves NAME
+missing and `.NAME.old-*` whole, which the next save or load puts back.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from safetensors.torch import load_model, save_model
 
 from policy.action_tokenizer import ActionTokenizer, DictActionTokenizer, action_tokenizer_from_dict
 from policy.config import ExperimentConfig, config_from_dict, config_to_dict
+from policy.fsutil import fsync_dir, fsync_tree
 from policy.language import TextTokenizer
 
 FORMAT_VERSION = 1
@@ -54,14 +59,57 @@ class InputSpec:
                    int(d["action_dim"]), dict(d.get("env") or {}))
 
 
+# -- interrupted saves -----------------------------------------------------------------------------
+def _leftovers(out: Path, kind: str) -> list[Path]:
+    """`.NAME.tmp-*` (kind 'tmp') or `.NAME.old-*` (kind 'old') siblings of `out`, oldest first."""
+    prefix = f".{out.name}.{kind}-"
+    try:
+        found = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+    return sorted(found, key=mtime)
+
+
+def _restore_previous(out: Path) -> bool:
+    """A save killed between its two renames leaves `out` missing and the previous policy whole at
+    `.NAME.old-*`: rename the newest back. True if `out` was restored."""
+    if out.exists():
+        return False
+    olds = _leftovers(out, "old")
+    if not olds:
+        return False
+    try:
+        os.rename(olds[-1], out)
+    except OSError:
+        return False
+    fsync_dir(out.parent)
+    return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    _restore_previous(out)
+    for p in _leftovers(out, "tmp") + _leftovers(out, "old"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def save_policy_dir(out: str | Path, cfg: ExperimentConfig, model: torch.nn.Module, tokenizer_model: str | Path,
                     action_tokenizer: ActionTokenizer | DictActionTokenizer, action_stats: dict, spec: InputSpec,
                     extra: dict | None = None) -> Path:
-    """Write atomically: a staging directory is filled, then swapped in place of `out`."""
+    """Write atomically: a staging directory is filled and fsynced, then swapped in place of `out`.
+    Killed at any point, `out` is the previous policy or the new one (or, between the two renames,
+    missing with the previous one at `.NAME.old-*`, which the next save or load restores)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)  # from a save that was killed: training rewrites RUN_DIR/policy every checkpoint
     staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    old = None
     try:
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg))))
         save_model(model, str(staging / "model.safetensors"))
@@ -71,16 +119,22 @@ def save_policy_dir(out: str | Path, cfg: ExperimentConfig, model: torch.nn.Modu
         meta = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "input": spec.to_dict(), **(extra or {})}
         (staging / "policy.json").write_text(json.dumps(meta, indent=2))
-        old = None
+        fsync_tree(staging)  # the data must be on disk before the rename makes it `out`
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
         os.replace(staging, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_dir(out.parent)
     except BaseException:
+        if old is not None and not out.exists():
+            try:
+                os.replace(old, out)  # interrupted between the renames: put the previous policy back
+            except OSError:
+                pass  # left at .NAME.old-*; the next save or load restores it
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -98,6 +152,12 @@ def load_policy_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     from policy.model import PolicyModel
 
     path = Path(path)
+    if not path.is_dir() and _leftovers(path, "old"):
+        time.sleep(0.2)  # a save in progress renames the new directory in right after moving the old aside
+        if not path.is_dir() and not _restore_previous(path) and not path.is_dir():
+            old = _leftovers(path, "old")[-1]
+            raise PolicyDirError(f"--policy {str(path)!r}: expected a policy directory, found none; an "
+                                 f"interrupted save left the previous one at {str(old)!r}: rename it to {path.name!r}")
     if not path.is_dir():
         raise PolicyDirError(f"--policy {str(path)!r}: expected a policy directory written by `train`, found no directory")
     missing = [f for f in FILES if not (path / f).is_file()]

@@ -213,3 +213,82 @@ def test_step_group_batches_runners_and_keeps_their_states(policy_dir):
             assert g.steps == t + 1
     bad_obs = PolicyRunner.step_group(group[:1], [_obs(rng, shape=(32, 64, 3))])[0]
     assert isinstance(bad_obs, ObservationError) and "(32, 64, 3)" in str(bad_obs)
+
+
+# ---- saving: interrupted swaps, fsync -------------------------------------------------------------
+def _save_again(out, seed):
+    return build_random_policy(out, seed=seed)  # goes through save_policy_dir like `train`
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_save_interrupted_between_renames_keeps_the_previous_policy(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "policy"
+    _save_again(out, seed=1)
+    before = _weights(out)
+    real = os.replace
+
+    def interrupted(src, dst):
+        if ".policy.tmp-" in str(src):  # staging -> out: the second rename
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _save_again(out, seed=2)
+    monkeypatch.undo()
+    assert out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    assert all(torch.equal(before[k], v) for k, v in _weights(out).items())
+    PolicyRunner.load(out)
+
+
+def test_leftovers_of_a_killed_save_are_restored_and_removed(tmp_path):
+    out = tmp_path / "policy"
+    _save_again(out, seed=1)
+    before = _weights(out)
+    # As SIGKILL between the two renames leaves it: out moved aside, a staging dir beside it.
+    (out).rename(tmp_path / ".policy.old-0badf00d")
+    (tmp_path / ".policy.tmp-0badf00d").mkdir()
+    (tmp_path / ".policy.tmp-0badf00d" / "config.yaml").write_text("half")
+    r = PolicyRunner.load(out)  # loading puts the previous policy back
+    assert all(torch.equal(before[k], v) for k, v in r.model.state_dict().items() if k in before)
+    assert out.is_dir() and not (tmp_path / ".policy.old-0badf00d").exists()
+    (tmp_path / ".policy.old-1badf00d").mkdir()  # e.g. killed while deleting the previous policy
+    _save_again(out, seed=2)  # the next save removes whatever is left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    assert not all(torch.equal(before[k], v) for k, v in _weights(out).items())
+
+
+def test_missing_policy_with_an_unrestorable_old_copy_is_named(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "policy"
+    _save_again(out, seed=1)
+    out.rename(tmp_path / ".policy.old-0badf00d")
+    monkeypatch.setattr(os, "rename", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+    with pytest.raises(PolicyDirError, match=r"interrupted save left the previous one at .*\.policy\.old-0badf00d"):
+        PolicyRunner.load(out)
+
+
+def test_save_fsyncs_the_files_and_the_parent_after_the_rename(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    out = _save_again(tmp_path / "policy", seed=1)
+    monkeypatch.undo()
+    from policy.policy_dir import FILES
+
+    assert set(FILES) <= {os.path.basename(p) for p in synced}, synced
+    assert synced[-1] == str(tmp_path), synced  # the new name is durable, not just the data
