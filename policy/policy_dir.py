@@ -22,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from policy.action_tokenizer import ActionTokenizer, DictActionTokenizer, action_tokenizer_from_dict
-from policy.config import ExperimentConfig, config_from_dict, config_to_dict
+from policy.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 from policy.fsutil import fsync_dir, fsync_tree
 from policy.language import TextTokenizer
 
@@ -148,7 +151,41 @@ class LoadedPolicy:
     meta: dict
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _read_json(path: Path, name: str, expected: str) -> dict:
+    try:
+        data = json.loads((path / name).read_text())
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise PolicyDirError(f"--policy {str(path)!r}: {name}: expected {expected} as a JSON object, could not "
+                             f"read it (truncated or corrupt?): {type(exc).__name__}: {_one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise PolicyDirError(f"--policy {str(path)!r}: {name}: expected {expected} as a JSON object, "
+                             f"got a JSON {type(data).__name__}")
+    return data
+
+
+def _read_config(path: Path) -> ExperimentConfig:
+    where = f"--policy {str(path)!r}: config.yaml"
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise PolicyDirError(f"{where}: expected the training config as YAML, could not read it (truncated or "
+                             f"corrupt?): {type(exc).__name__}: {_one_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise PolicyDirError(f"{where}: expected a mapping of config sections, got a {type(raw).__name__}")
+    try:
+        return config_from_dict(raw)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise PolicyDirError(f"{where}: incompatible policy directory (written by another version of this "
+                             f"stack?): {exc}") from None
+
+
 def load_policy_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedPolicy:
+    """Every file is checked as it is read: errors name the directory, the file, what was expected and
+    what was found (PolicyDirError)."""
     from policy.model import PolicyModel
 
     path = Path(path)
@@ -163,25 +200,38 @@ def load_policy_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise PolicyDirError(f"--policy {str(path)!r}: not a policy directory: missing {', '.join(missing)}")
-    meta = json.loads((path / "policy.json").read_text())
+    meta = _read_json(path, "policy.json", "the format version and input spec")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise PolicyDirError(f"--policy {str(path)!r}: policy.json format_version: expected {FORMAT_VERSION}, got "
                              f"{version!r} (written by an incompatible version of this stack; retrain or convert it)")
-    cfg = config_from_dict(OmegaConf.to_container(OmegaConf.load(path / "config.yaml")))  # type: ignore[arg-type]
+    cfg = _read_config(path)
     spec = InputSpec.from_dict(meta["input"])
-    text = TextTokenizer(path / "tokenizer.model", cfg.model.language.max_tokens)
-    stats = json.loads((path / "action_stats.json").read_text())
+    stats = _read_json(path, "action_stats.json", "the action tokenizer and dataset statistics")
     try:
         action_tok = action_tokenizer_from_dict(stats["tokenizer"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PolicyDirError(f"--policy {str(path)!r}: action_stats.json 'tokenizer' is invalid: {exc}") from None
+    try:
+        text = TextTokenizer(path / "tokenizer.model", cfg.model.language.max_tokens)
+    except (OSError, RuntimeError) as exc:  # sentencepiece raises RuntimeError for an unparsable model
+        raise PolicyDirError(f"--policy {str(path)!r}: tokenizer.model: expected a sentencepiece model, could not "
+                             f"load it (truncated or corrupt?): {_one_line(exc)}") from None
+    weights = path / "model.safetensors"
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise PolicyDirError(f"--policy {str(path)!r}: model.safetensors: expected the model weights in safetensors "
+                             f"format, could not read them (truncated or corrupt?): {_one_line(exc)}") from None
     model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=action_tok.num_tokens,
                         proprio_dim=spec.proprio_dim)
     try:
-        load_model(model, str(path / "model.safetensors"), strict=True)
-    except RuntimeError as exc:
-        raise PolicyDirError(f"--policy {str(path)!r}: model.safetensors does not match config.yaml: "
-                             f"{str(exc).splitlines()[0]}") from None
+        load_model(model, str(weights), strict=True)
+    except (RuntimeError, SafetensorError) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3]) or (lines[0] if lines else type(exc).__name__)
+        raise PolicyDirError(f"--policy {str(path)!r}: model.safetensors does not match config.yaml (and the "
+                             f"{action_tok.num_tokens} action dims of action_stats.json): {detail}") from None
     model.to(device).eval()
     return LoadedPolicy(cfg, model, text, action_tok, spec, meta)

@@ -215,6 +215,40 @@ def test_step_group_batches_runners_and_keeps_their_states(policy_dir):
     assert isinstance(bad_obs, ObservationError) and "(32, 64, 3)" in str(bad_obs)
 
 
+# ---- corrupt or inconsistent policy directories ---------------------------------------------------
+def _truncate(name, keep=30):
+    return lambda d: (d / name).write_bytes((d / name).read_bytes()[:keep])
+
+
+def _set_input(field, value):
+    def change(d):
+        meta = json.loads((d / "policy.json").read_text())
+        meta["input"][field] = value
+        (d / "policy.json").write_text(json.dumps(meta))
+    return change
+
+
+@pytest.mark.parametrize("corrupt, needles", [
+    (_truncate("policy.json"), ["policy.json", "expected the format version", "JSONDecodeError"]),
+    (lambda d: (d / "policy.json").write_text("[]"), ["policy.json", "JSON object", "got a JSON list"]),
+    (_truncate("action_stats.json"), ["action_stats.json", "action tokenizer", "JSONDecodeError"]),
+    (lambda d: (d / "config.yaml").write_text("model: [\n  a: b"), ["config.yaml", "YAML", "ParserError"]),
+    (lambda d: (d / "config.yaml").write_text("- 1\n- 2\n"), ["config.yaml", "mapping", "got a list"]),
+    (_truncate("model.safetensors", 1000), ["model.safetensors", "safetensors format", "deserializing header"]),
+    (lambda d: (d / "model.safetensors").write_bytes(b""), ["model.safetensors", "safetensors format", "header"]),
+    (lambda d: (d / "tokenizer.model").write_bytes(b""), ["tokenizer.model", "sentencepiece", "unk is not defined"]),
+])
+def test_corrupt_file_is_named_with_expected_and_cause(policy_dir, tmp_path, corrupt, needles):
+    broken = tmp_path / "broken"
+    shutil.copytree(policy_dir, broken)
+    corrupt(broken)
+    with pytest.raises(PolicyDirError) as exc:
+        PolicyRunner.load(broken)
+    msg = str(exc.value)
+    for n in [repr(str(broken))] + needles:
+        assert n in msg, (n, msg)
+
+
 # ---- saving: interrupted swaps, fsync -------------------------------------------------------------
 def _save_again(out, seed):
     return build_random_policy(out, seed=seed)  # goes through save_policy_dir like `train`
