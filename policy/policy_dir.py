@@ -41,6 +41,15 @@ class PolicyDirError(ValueError):
     pass
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _spec_error(d: dict, field: str, expected: str) -> PolicyDirError:
+    got = repr(d[field]) if field in d else "no such field"
+    return PolicyDirError(f"policy.json input.{field}: expected {expected}, got {got}")
+
+
 @dataclass
 class InputSpec:
     """What the policy expects per step; the step runner validates observations against it."""
@@ -57,9 +66,36 @@ class InputSpec:
                 "action_dim": self.action_dim, "env": self.env}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
-        return cls(d["camera_key"], tuple(d["image_shape"]), d.get("proprio_key"), int(d["proprio_dim"]),
-                   int(d["action_dim"]), dict(d.get("env") or {}))
+    def from_dict(cls, d: Any) -> "InputSpec":
+        """Validated here: a bad spec would otherwise load fine, then fail every step or be blamed on
+        another file. Errors name `policy.json input.<field>`, what was expected and what was found."""
+        if not isinstance(d, dict):
+            raise PolicyDirError("policy.json input: expected an object with camera_key, image_shape, proprio_key, "
+                                 f"proprio_dim, action_dim, got {'nothing' if d is None else type(d).__name__}")
+        cam = d.get("camera_key")
+        if not isinstance(cam, str) or not cam:
+            raise _spec_error(d, "camera_key", "a non-empty string (the observation's image key)")
+        shape = d.get("image_shape")
+        if (not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(_is_int(v) and v > 0 for v in shape)
+                or shape[2] != 3):
+            raise _spec_error(d, "image_shape", "[H, W, 3] with positive integers H, W (RGB frames)")
+        pkey = d.get("proprio_key")
+        if pkey is not None and (not isinstance(pkey, str) or not pkey):
+            raise _spec_error(d, "proprio_key", "null or a non-empty string")
+        pdim = d.get("proprio_dim")
+        if not _is_int(pdim) or pdim < 0:
+            raise _spec_error(d, "proprio_dim", "an integer >= 0")
+        if pkey is None and pdim != 0:
+            raise _spec_error(d, "proprio_dim", "0 (proprio_key is null: the policy takes no proprio)")
+        if pkey is not None and pdim < 1:
+            raise _spec_error(d, "proprio_dim", f"an integer >= 1 (the size of {pkey!r})")
+        adim = d.get("action_dim")
+        if not _is_int(adim) or adim < 1:
+            raise _spec_error(d, "action_dim", "an integer >= 1")
+        env = d.get("env")
+        if env is not None and not isinstance(env, dict):
+            raise _spec_error(d, "env", "an object or null")
+        return cls(cam, tuple(shape), pkey, pdim, adim, dict(env or {}))  # type: ignore[arg-type]
 
 
 # -- interrupted saves -----------------------------------------------------------------------------
@@ -183,6 +219,21 @@ def _read_config(path: Path) -> ExperimentConfig:
                              f"stack?): {exc}") from None
 
 
+def _check_spec(path: Path, spec: InputSpec, cfg: ExperimentConfig,
+                action_tok: ActionTokenizer | DictActionTokenizer) -> None:
+    """The input spec against the other files: a mismatch would fail every step, or blame the weights."""
+    where = f"--policy {str(path)!r}: policy.json input"
+    if spec.action_dim != action_tok.num_tokens:
+        raise PolicyDirError(f"{where}.action_dim: expected {action_tok.num_tokens} (the action tokenizer in "
+                             f"action_stats.json: {', '.join(action_tok.names)}), got {spec.action_dim}")
+    if cfg.model.use_proprio and spec.proprio_key is None:
+        raise PolicyDirError(f"{where}.proprio_key: expected the proprio observation key (config.yaml "
+                             "model.use_proprio is true), got null")
+    if not cfg.model.use_proprio and spec.proprio_key is not None:
+        raise PolicyDirError(f"{where}.proprio_key: expected null (config.yaml model.use_proprio is false), "
+                             f"got {spec.proprio_key!r}")
+
+
 def load_policy_dir(path: str | Path, device: str | torch.device = "cpu") -> LoadedPolicy:
     """Every file is checked as it is read: errors name the directory, the file, what was expected and
     what was found (PolicyDirError)."""
@@ -206,12 +257,16 @@ def load_policy_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
         raise PolicyDirError(f"--policy {str(path)!r}: policy.json format_version: expected {FORMAT_VERSION}, got "
                              f"{version!r} (written by an incompatible version of this stack; retrain or convert it)")
     cfg = _read_config(path)
-    spec = InputSpec.from_dict(meta["input"])
+    try:
+        spec = InputSpec.from_dict(meta.get("input"))
+    except PolicyDirError as exc:
+        raise PolicyDirError(f"--policy {str(path)!r}: {exc}") from None
     stats = _read_json(path, "action_stats.json", "the action tokenizer and dataset statistics")
     try:
         action_tok = action_tokenizer_from_dict(stats["tokenizer"])
     except (KeyError, TypeError, ValueError) as exc:
         raise PolicyDirError(f"--policy {str(path)!r}: action_stats.json 'tokenizer' is invalid: {exc}") from None
+    _check_spec(path, spec, cfg, action_tok)
     try:
         text = TextTokenizer(path / "tokenizer.model", cfg.model.language.max_tokens)
     except (OSError, RuntimeError) as exc:  # sentencepiece raises RuntimeError for an unparsable model
@@ -224,6 +279,10 @@ def load_policy_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     except (OSError, SafetensorError) as exc:
         raise PolicyDirError(f"--policy {str(path)!r}: model.safetensors: expected the model weights in safetensors "
                              f"format, could not read them (truncated or corrupt?): {_one_line(exc)}") from None
+    prop = shapes.get("proprio.weight")
+    if prop is not None and len(prop) == 2 and prop[1] != spec.proprio_dim:
+        raise PolicyDirError(f"--policy {str(path)!r}: policy.json input.proprio_dim: expected {prop[1]} (the "
+                             f"input size of the proprio layer in model.safetensors), got {spec.proprio_dim}")
     model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=action_tok.num_tokens,
                         proprio_dim=spec.proprio_dim)
     try:

@@ -249,6 +249,39 @@ def test_corrupt_file_is_named_with_expected_and_cause(policy_dir, tmp_path, cor
         assert n in msg, (n, msg)
 
 
+@pytest.mark.parametrize("change, needles", [
+    (_set_input("image_shape", [64, 64]), ["input.image_shape", "[H, W, 3]", "got [64, 64]"]),
+    (_set_input("image_shape", "64"), ["input.image_shape", "[H, W, 3]", "got '64'"]),
+    (_set_input("image_shape", [64, 64, 4]), ["input.image_shape", "got [64, 64, 4]"]),
+    (_set_input("image_shape", [0, 64, 3]), ["input.image_shape", "positive", "got [0, 64, 3]"]),
+    (_set_input("camera_key", ""), ["input.camera_key", "non-empty string", "got ''"]),
+    (_set_input("camera_key", 3), ["input.camera_key", "got 3"]),
+    (_set_input("action_dim", 99), ["input.action_dim", "expected 5", "action_stats.json", "got 99"]),
+    (_set_input("action_dim", "5"), ["input.action_dim", "integer", "got '5'"]),
+    (_set_input("proprio_dim", 7), ["input.proprio_dim", "expected 4", "model.safetensors", "got 7"]),
+    (_set_input("proprio_dim", -1), ["input.proprio_dim", ">= 0", "got -1"]),
+    (_set_input("proprio_key", None), ["input.proprio_dim", "expected 0", "proprio_key is null", "got 4"]),
+    (lambda d: (_set_input("proprio_key", None)(d), _set_input("proprio_dim", 0)(d)),
+     ["input.proprio_key", "model.use_proprio is true", "got null"]),
+    (lambda d: (d / "policy.json").write_text(json.dumps({"format_version": 1})), ["policy.json input:", "got nothing"]),
+])
+def test_input_spec_is_validated_at_load(policy_dir, tmp_path, change, needles):
+    bad = tmp_path / "bad"
+    shutil.copytree(policy_dir, bad)
+    change(bad)
+    with pytest.raises(PolicyDirError) as exc:
+        PolicyRunner.load(bad)
+    msg = str(exc.value)
+    for n in [repr(str(bad)), "policy.json"] + needles:
+        assert n in msg, (n, msg)
+    assert "config.yaml" not in msg.split("(")[0]  # a policy.json mistake is not blamed on the config
+
+
+def test_policy_without_proprio_writes_proprio_dim_zero(tmp_path):
+    r = PolicyRunner.load(build_random_policy(tmp_path / "np", overrides=["model.use_proprio=false"]))
+    assert r.spec.proprio_key is None and r.spec.proprio_dim == 0
+
+
 # ---- saving: interrupted swaps, fsync -------------------------------------------------------------
 def _save_again(out, seed):
     return build_random_policy(out, seed=seed)  # goes through save_policy_dir like `train`
