@@ -9,8 +9,9 @@
                                     EMA weights, bad-step count (tensors and plain containers only:
                                     loadable with torch.load(weights_only=True))
 
-A checkpoint is written into a hidden staging directory and renamed into place, so a process killed
-at any moment leaves either the previous set of checkpoints or the new one, never a half-written one.
+A checkpoint is written into a hidden staging directory, fsynced and renamed into place, so a process
+killed at any moment (or a power loss) leaves either the previous set of checkpoints or the new one,
+never a half-written one.
 Only the newest `keep` checkpoints are kept.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from policy.fsutil import fsync_dir, write_text_atomic
 
 STATE_FILE = "train_state.pt"
 RUN_FILE = "run.json"
@@ -60,34 +63,68 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any],
                     write_policy: Callable[[Path], Any], keep: int) -> Path:
-    """Write checkpoints/step-N atomically (staging dir + rename), then drop all but the newest `keep`."""
+    """Write checkpoints/step-N atomically (staging dir, fsync, rename), then drop all but the newest `keep`."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(run_dir)
     final = root / f"step-{step:08d}"
     staging = root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
+    old = None
     try:
-        write_policy(staging / "policy")
+        write_policy(staging / "policy")  # save_policy_dir fsyncs its own files
         with open(staging / STATE_FILE, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():  # the same step saved again (e.g. a resumed run re-reaching it)
-            shutil.rmtree(final)
+        fsync_dir(staging)
+        if final.exists():  # the same step saved again (e.g. a resumed run re-reaching it): set it aside
+            old = root / f".old-step-{step:08d}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
         os.replace(staging, final)
+        fsync_dir(root)
     except BaseException:
+        if old is not None and not final.exists():
+            try:
+                os.replace(old, final)  # interrupted between the renames: keep the previous step-N
+            except OSError:
+                pass  # remove_stale_staging restores it
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for _, old in list_checkpoints(run_dir)[:-keep]:
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    for _, gone in list_checkpoints(run_dir)[:-keep]:
+        _remove(gone)
     return final
 
 
+def _remove(ckpt: Path) -> None:
+    # Renamed out of sight first: a half-deleted step-N that still has its train_state.pt would
+    # otherwise count as a complete checkpoint.
+    hidden = ckpt.parent / f".del-{ckpt.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(ckpt, hidden)
+    except OSError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def remove_stale_staging(run_dir: str | Path) -> None:
-    """Staging directories left by a process killed mid-write are garbage."""
+    """Staging directories left by a process killed mid-write are garbage; a step-N set aside by a save
+    killed between its renames is put back."""
     root = checkpoints_dir(run_dir)
-    if root.is_dir():
-        for d in root.glob(".tmp-step-*"):
+    if not root.is_dir():
+        return
+    for d in sorted(root.glob(".old-step-*")):
+        m = re.match(r"^\.old-(step-\d{8})-", d.name)
+        final = root / m.group(1) if m else None
+        if final is not None and not final.exists():
+            os.replace(d, final)
+            fsync_dir(root)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+    for pattern in (".tmp-step-*", ".del-step-*"):
+        for d in root.glob(pattern):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -101,10 +138,7 @@ def load_train_state(ckpt: str | Path) -> dict[str, Any]:
 
 # -- run metadata ------------------------------------------------------------------------------
 def write_run_meta(run_dir: str | Path, meta: dict[str, Any]) -> None:
-    path = Path(run_dir) / RUN_FILE
-    tmp = path.with_name(f".{RUN_FILE}.tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(Path(run_dir) / RUN_FILE, json.dumps(meta, indent=2))
 
 
 def read_run_meta(run_dir: str | Path) -> dict[str, Any]:

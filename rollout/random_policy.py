@@ -58,6 +58,8 @@ def build_random_policy(out: str | Path, config: str | Path | ExperimentConfig |
     image_shape = tuple(int(v) for v in (image_shape or (size, size, 3)))
     if len(image_shape) != 3 or image_shape[2] != 3 or min(image_shape) < 1:
         raise ValueError(f"image_shape: expected (H, W, 3) with H, W >= 1, got {image_shape}")
+    if not cfg.model.use_proprio:
+        proprio_dim = 0  # as `train` writes it: no proprio key, no proprio input
     out = Path(out)
     tok_path = train_sentencepiece(tabletop_instructions(), out.parent / f".{out.name}.tokenizer.model",
                                    cfg.model.language.vocab_size)

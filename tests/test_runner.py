@@ -213,3 +213,149 @@ def test_step_group_batches_runners_and_keeps_their_states(policy_dir):
             assert g.steps == t + 1
     bad_obs = PolicyRunner.step_group(group[:1], [_obs(rng, shape=(32, 64, 3))])[0]
     assert isinstance(bad_obs, ObservationError) and "(32, 64, 3)" in str(bad_obs)
+
+
+# ---- corrupt or inconsistent policy directories ---------------------------------------------------
+def _truncate(name, keep=30):
+    return lambda d: (d / name).write_bytes((d / name).read_bytes()[:keep])
+
+
+def _set_input(field, value):
+    def change(d):
+        meta = json.loads((d / "policy.json").read_text())
+        meta["input"][field] = value
+        (d / "policy.json").write_text(json.dumps(meta))
+    return change
+
+
+@pytest.mark.parametrize("corrupt, needles", [
+    (_truncate("policy.json"), ["policy.json", "expected the format version", "JSONDecodeError"]),
+    (lambda d: (d / "policy.json").write_text("[]"), ["policy.json", "JSON object", "got a JSON list"]),
+    (_truncate("action_stats.json"), ["action_stats.json", "action tokenizer", "JSONDecodeError"]),
+    (lambda d: (d / "config.yaml").write_text("model: [\n  a: b"), ["config.yaml", "YAML", "ParserError"]),
+    (lambda d: (d / "config.yaml").write_text("- 1\n- 2\n"), ["config.yaml", "mapping", "got a list"]),
+    (_truncate("model.safetensors", 1000), ["model.safetensors", "safetensors format", "deserializing header"]),
+    (lambda d: (d / "model.safetensors").write_bytes(b""), ["model.safetensors", "safetensors format", "header"]),
+    (lambda d: (d / "tokenizer.model").write_bytes(b""), ["tokenizer.model", "sentencepiece", "unk is not defined"]),
+])
+def test_corrupt_file_is_named_with_expected_and_cause(policy_dir, tmp_path, corrupt, needles):
+    broken = tmp_path / "broken"
+    shutil.copytree(policy_dir, broken)
+    corrupt(broken)
+    with pytest.raises(PolicyDirError) as exc:
+        PolicyRunner.load(broken)
+    msg = str(exc.value)
+    for n in [repr(str(broken))] + needles:
+        assert n in msg, (n, msg)
+
+
+@pytest.mark.parametrize("change, needles", [
+    (_set_input("image_shape", [64, 64]), ["input.image_shape", "[H, W, 3]", "got [64, 64]"]),
+    (_set_input("image_shape", "64"), ["input.image_shape", "[H, W, 3]", "got '64'"]),
+    (_set_input("image_shape", [64, 64, 4]), ["input.image_shape", "got [64, 64, 4]"]),
+    (_set_input("image_shape", [0, 64, 3]), ["input.image_shape", "positive", "got [0, 64, 3]"]),
+    (_set_input("camera_key", ""), ["input.camera_key", "non-empty string", "got ''"]),
+    (_set_input("camera_key", 3), ["input.camera_key", "got 3"]),
+    (_set_input("action_dim", 99), ["input.action_dim", "expected 5", "action_stats.json", "got 99"]),
+    (_set_input("action_dim", "5"), ["input.action_dim", "integer", "got '5'"]),
+    (_set_input("proprio_dim", 7), ["input.proprio_dim", "expected 4", "model.safetensors", "got 7"]),
+    (_set_input("proprio_dim", -1), ["input.proprio_dim", ">= 0", "got -1"]),
+    (_set_input("proprio_key", None), ["input.proprio_dim", "expected 0", "proprio_key is null", "got 4"]),
+    (lambda d: (_set_input("proprio_key", None)(d), _set_input("proprio_dim", 0)(d)),
+     ["input.proprio_key", "model.use_proprio is true", "got null"]),
+    (lambda d: (d / "policy.json").write_text(json.dumps({"format_version": 1})), ["policy.json input:", "got nothing"]),
+])
+def test_input_spec_is_validated_at_load(policy_dir, tmp_path, change, needles):
+    bad = tmp_path / "bad"
+    shutil.copytree(policy_dir, bad)
+    change(bad)
+    with pytest.raises(PolicyDirError) as exc:
+        PolicyRunner.load(bad)
+    msg = str(exc.value)
+    for n in [repr(str(bad)), "policy.json"] + needles:
+        assert n in msg, (n, msg)
+    assert "config.yaml" not in msg.split("(")[0]  # a policy.json mistake is not blamed on the config
+
+
+def test_policy_without_proprio_writes_proprio_dim_zero(tmp_path):
+    r = PolicyRunner.load(build_random_policy(tmp_path / "np", overrides=["model.use_proprio=false"]))
+    assert r.spec.proprio_key is None and r.spec.proprio_dim == 0
+
+
+# ---- saving: interrupted swaps, fsync -------------------------------------------------------------
+def _save_again(out, seed):
+    return build_random_policy(out, seed=seed)  # goes through save_policy_dir like `train`
+
+
+def _weights(d):
+    from safetensors.torch import load_file
+    return load_file(str(d / "model.safetensors"))
+
+
+def test_save_interrupted_between_renames_keeps_the_previous_policy(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "policy"
+    _save_again(out, seed=1)
+    before = _weights(out)
+    real = os.replace
+
+    def interrupted(src, dst):
+        if ".policy.tmp-" in str(src):  # staging -> out: the second rename
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _save_again(out, seed=2)
+    monkeypatch.undo()
+    assert out.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    assert all(torch.equal(before[k], v) for k, v in _weights(out).items())
+    PolicyRunner.load(out)
+
+
+def test_leftovers_of_a_killed_save_are_restored_and_removed(tmp_path):
+    out = tmp_path / "policy"
+    _save_again(out, seed=1)
+    before = _weights(out)
+    # As SIGKILL between the two renames leaves it: out moved aside, a staging dir beside it.
+    (out).rename(tmp_path / ".policy.old-0badf00d")
+    (tmp_path / ".policy.tmp-0badf00d").mkdir()
+    (tmp_path / ".policy.tmp-0badf00d" / "config.yaml").write_text("half")
+    r = PolicyRunner.load(out)  # loading puts the previous policy back
+    assert all(torch.equal(before[k], v) for k, v in r.model.state_dict().items() if k in before)
+    assert out.is_dir() and not (tmp_path / ".policy.old-0badf00d").exists()
+    (tmp_path / ".policy.old-1badf00d").mkdir()  # e.g. killed while deleting the previous policy
+    _save_again(out, seed=2)  # the next save removes whatever is left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]
+    assert not all(torch.equal(before[k], v) for k, v in _weights(out).items())
+
+
+def test_missing_policy_with_an_unrestorable_old_copy_is_named(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "policy"
+    _save_again(out, seed=1)
+    out.rename(tmp_path / ".policy.old-0badf00d")
+    monkeypatch.setattr(os, "rename", lambda *a: (_ for _ in ()).throw(PermissionError(13, "read-only")))
+    with pytest.raises(PolicyDirError, match=r"interrupted save left the previous one at .*\.policy\.old-0badf00d"):
+        PolicyRunner.load(out)
+
+
+def test_save_fsyncs_the_files_and_the_parent_after_the_rename(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    out = _save_again(tmp_path / "policy", seed=1)
+    monkeypatch.undo()
+    from policy.policy_dir import FILES
+
+    assert set(FILES) <= {os.path.basename(p) for p in synced}, synced
+    assert synced[-1] == str(tmp_path), synced  # the new name is durable, not just the data
