@@ -75,13 +75,29 @@ class PolicyRunner:
     # ---- episodes ------------------------------------------------------------------------------
     def reset(self, instruction: str, embedding: np.ndarray | Sequence[float] | None = None) -> None:
         """Start one robot's episode. `embedding`: the instruction's precomputed 512-d embedding, required
-        (and only accepted) when the policy's model.language.source is 'embedding'."""
+        (and only accepted) when the policy's model.language.source is 'embedding'. A reset that fails
+        ends the previous episode all the same (step() raises until a reset succeeds)."""
         self.reset_batch([instruction], None if embedding is None else [embedding])
 
-    @torch.inference_mode()
+    def end_episode(self) -> None:
+        """Drop the episode state: step() raises until the next successful reset."""
+        self._context, self._state = None, None
+        self.batch_size, self.instructions, self.attention, self.steps = 0, [], [], 0
+
     def reset_batch(self, instructions: Sequence[str],
                     embeddings: Sequence[np.ndarray | Sequence[float]] | np.ndarray | None = None) -> None:
-        """Start a batch of episodes together, one instruction per robot; state is per robot."""
+        """Start a batch of episodes together, one instruction per robot; state is per robot. If it fails
+        the previous episode is over anyway: a caller that ignores the error must not step on with the
+        old memory and instruction."""
+        try:
+            self._reset_batch(instructions, embeddings)
+        except BaseException:
+            self.end_episode()
+            raise
+
+    @torch.inference_mode()
+    def _reset_batch(self, instructions: Sequence[str],
+                     embeddings: Sequence[np.ndarray | Sequence[float]] | np.ndarray | None) -> None:
         if isinstance(instructions, str) or not isinstance(instructions, Sequence) or not instructions:
             raise ObservationError(f"instructions: expected a non-empty list of strings, got {instructions!r}")
         for i, text in enumerate(instructions):

@@ -57,9 +57,24 @@ def _start_server(policy_dir: str, threads: int, extra: tuple[str, ...] = ()) ->
     line = proc.stdout.readline()  # type: ignore[union-attr]
     m = re.search(r"(ws://[^ ]+:\d+)", line)
     if not m:
-        proc.kill()
+        stop_server(proc, timeout=0)
         raise RuntimeError(f"bench serve: the server did not start (its first line: {line!r})")
     return proc, m.group(1)
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` s (a wedged server must not outlive
+    the benchmark); reaps it -> its exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    code = proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return code
 
 
 def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 10.0,
@@ -117,8 +132,7 @@ def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 1
             transport = [r - s for r, s in zip(rtt, server_ms)]
             fleet = _fleet(url, obs, clients, rate, steps)
         finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+            stop_server(proc)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -1,5 +1,10 @@
 """Python client of the remote policy server, with the runner's interface (reset / step / step_named),
-so the robot loop takes either. Synchronous: one request in flight per session, as a control loop needs."""
+so the robot loop takes either. Synchronous: one request in flight per session, as a control loop needs.
+
+A request that gets no reply within `timeout` raises TimeoutError and closes the connection: its late
+reply would otherwise be read as the answer to the next request, and the server has stepped (or reset)
+the episode without the caller knowing. Every later call raises ClientBrokenError; make a new client
+and reset (the server ends the old session when the connection closes)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -17,6 +22,11 @@ class RemotePolicyError(RuntimeError):
         self.code = code
 
 
+class ClientBrokenError(ConnectionError):
+    """The connection was closed after a request failed mid-way (timeout, dropped link, out-of-order
+    reply): the episode on the server is lost; reconnect with a new PolicyClient and reset."""
+
+
 class PolicyClient:
     def __init__(self, url: str, token: str | None = None, timeout: float = 10.0, max_message_bytes: int = 16 << 20):
         from websockets.sync.client import connect
@@ -27,6 +37,7 @@ class PolicyClient:
         # Entered here and closed in close(): this client is the context manager (websockets 17 API).
         self._ws = connect(url, compression=None, max_size=max_message_bytes, open_timeout=timeout).__enter__()
         self._id = 0
+        self._broken: str | None = None  # why the connection was given up, once it is
         try:
             ready = self._call({"type": "hello", "version": P.PROTOCOL_VERSION, "token": token}, "ready")
         except BaseException:
@@ -43,14 +54,43 @@ class PolicyClient:
         self.last_batch = 1  # sessions stepped together with this one
 
     def _call(self, msg: dict, expect: str) -> dict:
-        self._ws.send(P.pack(msg))
-        reply = P.unpack(self._ws.recv(timeout=self.timeout), 1 << 30)
-        if reply["type"] == "error":
+        if self._broken is not None:
+            raise ClientBrokenError(f"policy client: {self._broken}; the connection is closed and the server's "
+                                    "episode is lost: make a new PolicyClient and reset")
+        what = f"{msg['type']!r} request" + (f" {msg['id']}" if "id" in msg else "")
+        frame = P.pack(msg)  # a local encoding error leaves the connection usable
+        try:
+            self._ws.send(frame)
+            raw = self._ws.recv(timeout=self.timeout)
+        except TimeoutError:
+            self._give_up(f"{what} got no reply within {self.timeout:g} s")
+            raise TimeoutError(f"policy client: {what} got no reply within {self.timeout:g} s; connection closed "
+                               "(make a new PolicyClient and reset)") from None
+        except BaseException as exc:  # link dropped or interrupted: whether the server acted on it is unknown
+            self._give_up(f"{what} failed ({type(exc).__name__}: {exc})")
+            raise
+        reply = P.unpack(raw, 1 << 30)
+        if reply["type"] == "error" and reply.get("id") in (None, msg.get("id")):
             raise RemotePolicyError(str(reply.get("code")), str(reply.get("message")))
         if reply["type"] != expect or ("id" in msg and reply.get("id") != msg["id"]):
+            # Replies are no longer paired with requests: nothing later could be trusted.
+            self._give_up(f"{what} got a {reply['type']!r} reply for request {reply.get('id')}")
             raise RemotePolicyError("malformed", f"reply: expected {expect!r} for request {msg.get('id')}, "
                                                  f"got {reply['type']!r} for {reply.get('id')}")
         return reply
+
+    def _give_up(self, why: str) -> None:
+        self._broken = why
+        try:
+            self._ws.close_timeout = 0.5  # a stuck server would hold the closing handshake (default 10 s)
+            self._ws.close()
+        except Exception:  # already closed
+            pass
+
+    @property
+    def broken(self) -> bool:
+        """True once the connection was given up (see ClientBrokenError)."""
+        return self._broken is not None
 
     def _next_id(self) -> int:
         self._id += 1
@@ -58,8 +98,8 @@ class PolicyClient:
 
     def reset(self, instruction: str, embedding: np.ndarray | Sequence[float] | None = None) -> None:
         emb = None if embedding is None else np.asarray(embedding, dtype=np.float32)
+        self.steps = 0  # a failed reset also leaves the session without an episode (server.py)
         self._call({"type": "reset", "id": self._next_id(), "instruction": instruction, "embedding": emb}, "reset_ok")
-        self.steps = 0
 
     def step(self, observation: Mapping[str, Any]) -> np.ndarray:
         """Send one observation (arrays; strings such as the instruction are passed along) -> flat action."""
@@ -85,7 +125,8 @@ class PolicyClient:
 
     def close(self) -> None:
         try:
-            self._ws.send(P.pack({"type": "close"}))
+            if self._broken is None:
+                self._ws.send(P.pack({"type": "close"}))
         except Exception:  # already closed: nothing to tell the server
             pass
         self._ws.close()

@@ -19,7 +19,9 @@ client -> server                                        server -> client
 
 The first message must be "hello" (with the token when the server has one); a session's reset/step
 state belongs to its connection only. Error codes: ERROR_CODES. Errors never close the connection,
-except repeated authentication failures and frames beyond the hard size cap (websocket close 1009).
+except repeated authentication failures, no "hello" within the server's hello timeout (close 1008), a
+full server ("busy", close 1013) and frames beyond the hard size cap (websocket close 1009). A failed
+"reset" leaves the session without an episode: "step" gets "not_ready" until a reset succeeds.
 """
 from __future__ import annotations
 

@@ -8,7 +8,13 @@ dm_env.Environment (the interface a robot driver implements; docs/ROBOT.md) at a
   for an old observation); the next tick asks again with the fresh observation.
 - after `max_consecutive_late` late steps in a row (the policy hangs or the link is down) the loop
   stops, the last action sent being the hold action; a policy exception holds and stops at once.
-  `stop()` (any thread) or the stop hook stop it after the current step.
+  `stop()` (any thread) or the stop hook stop it after the current step; a stop() that comes while no
+  run is going stops the next run before it moves the robot (a stop is never lost).
+- one policy call at a time: run() returns only once the policy is idle. A step still running when the
+  loop ends (a late one) is waited for, up to `drain_timeout_s`, because it writes the policy's episode
+  state when it returns and would overwrite the next reset. If it does not return in time run() raises
+  PolicyOverrunError (the loop's log in `.result`), and the next run() waits again before it resets
+  anything.
 - a per-step log: policy latency, what was sent (policy or hold), events, tick overruns.
 """
 from __future__ import annotations
@@ -98,6 +104,16 @@ class LoopResult:
                 "records": [asdict(r) for r in self.records]}
 
 
+class PolicyOverrunError(RuntimeError):
+    """A policy step is still running after the loop ended (or before a new run): the policy's episode
+    state is not settled, so the loop neither returns as if idle nor resets the policy. `result`: the
+    ended run's LoopResult (None when raised at the start of a run)."""
+
+    def __init__(self, message: str, result: "LoopResult | None" = None):
+        super().__init__(message)
+        self.result = result
+
+
 def _call_async(fn: Callable, *args: Any) -> Future:
     # A daemon thread per call: a hung policy must never keep the process (or the robot) hostage.
     fut: Future = Future()
@@ -116,7 +132,8 @@ class RobotLoop:
     def __init__(self, env: dm_env.Environment, policy: StepPolicy, rate_hz: float = 10.0,
                  deadline_s: float | None = None, hold_action: HoldAction | np.ndarray | None = None,
                  stop_hook: Callable[[StepRecord, dm_env.TimeStep], bool] | None = None,
-                 max_consecutive_late: int | None = 10, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 max_consecutive_late: int | None = 10, clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 drain_timeout_s: float = 2.0):
         if not isinstance(env, dm_env.Environment):
             raise TypeError(f"env: expected a dm_env.Environment, got {type(env).__name__}")
         if not (isinstance(rate_hz, (int, float)) and 0 < rate_hz <= 1000):
@@ -141,13 +158,53 @@ class RobotLoop:
         if max_consecutive_late is not None and (not isinstance(max_consecutive_late, int) or max_consecutive_late < 1):
             raise ValueError(f"max_consecutive_late: expected an integer >= 1 or None, got {max_consecutive_late!r}")
         self.max_consecutive_late = max_consecutive_late
+        if not (isinstance(drain_timeout_s, (int, float)) and drain_timeout_s >= 0):
+            raise ValueError(f"drain_timeout_s: expected seconds >= 0, got {drain_timeout_s!r}")
         self.stop_hook = stop_hook
         self.clock, self.sleep = clock, sleep
+        self.drain_timeout = float(drain_timeout_s)
         self._stop = threading.Event()
+        self._inflight: Future | None = None  # the policy call not yet returned, across runs
+        self._inflight_t = 0.0  # (clock) when it was made
+        self._inflight_step = 0  # the loop step it was made for
+        self._inflight_policy: Any = None  # and the policy it runs on
 
     def stop(self) -> None:
-        """Ask the loop to stop after the current step (thread-safe)."""
+        """Ask the loop to stop after the current step (thread-safe). Called while no run is going, it
+        stops the next run() before it moves the robot. Each stop ends one run."""
         self._stop.set()
+
+    @property
+    def busy(self) -> bool:
+        """A policy call is still running (a late step left over from a run)."""
+        return self._inflight is not None and not self._inflight.done()
+
+    def _drain(self, result: LoopResult | None) -> None:
+        """Wait (bounded) for the in-flight policy call: it writes the policy's state when it returns."""
+        fut = self._inflight
+        if fut is None:
+            return
+        if result is None and self._inflight_policy is not self.policy:
+            self._inflight = None  # loop.policy was replaced: the stuck call cannot touch the new one
+            return
+        t = self.clock()
+        try:
+            fut.exception(timeout=self.drain_timeout)  # its answer is stale either way; only wait
+        except TimeoutError:
+            age = self.clock() - self._inflight_t
+            where = "after the loop ended" if result is not None else "at the start of run()"
+            raise PolicyOverrunError(
+                f"policy step overrun: the call made at loop step {self._inflight_step} is still running "
+                f"{age:.2f} s later {where} (deadline {1000 * self.deadline:.0f} ms; waited "
+                f"{self.drain_timeout:g} s, drain_timeout_s). The policy's episode state changes when it "
+                "returns, so the policy was not reset; run() again once it has returned, or give the loop "
+                "a new policy (loop.policy = ...; e.g. a new PolicyClient)", result) from None
+        self._inflight = None
+        if result is not None:
+            waited = 1000 * (self.clock() - t)
+            if waited >= 1:
+                result.events.append({"step": result.steps - 1, "event": f"drained: waited {waited:.0f} ms for a "
+                                      "late policy step to return after the loop ended; its answer discarded"})
 
     # ---- action guard --------------------------------------------------------------------------
     def guard(self, action: Any, last: np.ndarray | None) -> tuple[np.ndarray, int, list[str]]:
@@ -184,7 +241,11 @@ class RobotLoop:
         ends, `max_steps`, stop() or the stop hook. The instruction defaults to observation['instruction']."""
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"max_steps: expected an integer >= 1 or None, got {max_steps!r}")
-        self._stop.clear()
+        if self._stop.is_set():  # stop() before this run: honour it before the robot moves
+            self._stop.clear()
+            return LoopResult(0, "stop", 0.0, [], [{"step": -1, "event": "stop: requested before run(); nothing sent"}],
+                              1.0 / self.period, 1000 * self.deadline, [])
+        self._drain(None)  # never reset the policy under a step still running
         ts = timestep if timestep is not None else self.env.reset()
         if instruction is None:
             instruction = _instruction(ts.observation)
@@ -208,18 +269,20 @@ class RobotLoop:
                 exc = pending.exception()
                 step_events.append(f"stale: discarded an answer {late_ms:.0f} ms late" if exc is None else
                                    f"stale: a late call failed ({type(exc).__name__}: {exc}); asking again")
-                pending = None
+                pending = self._inflight = None
             source, policy_ms, out = "hold", None, None
             if pending is None:
                 pending, pending_t = _call_async(self.policy.step, ts.observation), self.clock()
+                self._inflight, self._inflight_t, self._inflight_step = pending, pending_t, k
+                self._inflight_policy = self.policy
                 try:
                     out = pending.result(timeout=max(0.0, tick + self.deadline - self.clock()))
                     policy_ms = 1000 * (self.clock() - pending_t)
-                    source, pending = "policy", None
+                    source, pending, self._inflight = "policy", None, None
                 except TimeoutError:
                     step_events.append(f"late: no action within {1000 * self.deadline:.0f} ms; sent hold")
                 except Exception as exc:
-                    pending = None
+                    pending = self._inflight = None
                     reason = f"policy_error: {type(exc).__name__}: {exc}"
                     step_events.append(reason + "; sent hold and stopped")
             else:
@@ -252,6 +315,7 @@ class RobotLoop:
                 reason = "episode_end"
                 break
             if self._stop.is_set():
+                self._stop.clear()  # consumed by the run it stopped
                 reason = "stop"
                 break
             if self.stop_hook is not None and self.stop_hook(rec, ts):
@@ -265,7 +329,9 @@ class RobotLoop:
                 if -wait > self.period:
                     events.append({"step": k - 1, "event": f"overrun: tick {1000 * -wait:.0f} ms behind; rescheduled"})
                 next_tick = self.clock()
-        return LoopResult(k, reason, reward, records, events, 1.0 / self.period, 1000 * self.deadline, actions)
+        result = LoopResult(k, reason, reward, records, events, 1.0 / self.period, 1000 * self.deadline, actions)
+        self._drain(result)  # a late step still running: wait for it, or raise with the log attached
+        return result
 
 
 def _bounds(spec: specs.Array) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -7,8 +7,9 @@ latency), or on one worker thread (--model-thread) so that the loop keeps answer
 during long (GPU-sized) steps. Step requests that wait while the model is busy are stepped together
 in one batched call (PolicyRunner.step_group; --max-batch), each session keeping its own state.
 Guards: an auth token (required whenever the server listens beyond loopback), a message size limit,
-a per-session rate limit (token bucket), a session cap, schema validation; every bad request gets an
-error reply and the server stays up.
+a per-session rate limit (token bucket), a session cap (counting sessions past hello; connections
+that have not said hello are capped separately and closed after hello_timeout_s), schema
+validation; every bad request gets an error reply and the server stays up.
 """
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ class ServerConfig:
     max_message_bytes: int = 4 << 20  # a 256x320x3 frame is 240 KiB
     rate_hz: float = 200.0  # sustained messages per second per session
     burst: int = 50  # messages a session may send at once above the sustained rate
-    max_sessions: int = 16
+    max_sessions: int = 16  # sessions past hello; connections still waiting for hello count separately
+    max_pending: int = 64  # connections not yet past hello (each closed after hello_timeout_s)
+    hello_timeout_s: float = 5.0  # a connection that has not passed hello by then is closed
     max_auth_failures: int = 3  # then the connection is closed
     # Run model calls on a worker thread (the event loop keeps answering other sessions during a step)
     # instead of inline on the event loop (two thread hand-offs fewer per step: lower latency on a busy CPU).
@@ -59,9 +62,12 @@ class ServerConfig:
             raise ValueError(f"--token: required when the server listens beyond loopback (--host {self.host!r}); "
                              f"e.g. --token {secrets.token_urlsafe(16)}")
         for name, v, low in (("--max-message-bytes", self.max_message_bytes, 1024), ("--burst", self.burst, 1),
-                             ("--max-sessions", self.max_sessions, 1), ("--max-batch", self.max_batch, 1)):
+                             ("--max-sessions", self.max_sessions, 1), ("--max-batch", self.max_batch, 1),
+                             ("max_pending", self.max_pending, 1)):
             if not isinstance(v, int) or v < low:
                 raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
+        if not (isinstance(self.hello_timeout_s, (int, float)) and self.hello_timeout_s > 0):
+            raise ValueError(f"hello_timeout_s: expected seconds > 0, got {self.hello_timeout_s!r}")
         if not self.rate_hz > 0:
             raise ValueError(f"--rate-limit: expected messages per second > 0, got {self.rate_hz!r}")
 
@@ -95,6 +101,7 @@ class Session:
         self.id = uuid.uuid4().hex[:12]
         self.runner = runner
         self.authed = False
+        self.refused = False  # hello came when every session slot was taken: closed after the reply
         self.auth_failures = 0
         self.bucket = TokenBucket(cfg.rate_hz, cfg.burst)
 
@@ -104,7 +111,8 @@ class PolicyServer:
         cfg.validate()
         self.base = runner
         self.cfg = cfg
-        self.sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}  # past hello: what max_sessions counts
+        self.pending: set[str] = set()  # connected, no hello yet (max_pending, hello_timeout_s)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="policy")
         self._queue: asyncio.Queue | None = None  # step requests for the batcher (made in serve())
         self.port: int | None = None
@@ -119,7 +127,16 @@ class PolicyServer:
                 s.auth_failures += 1
                 return P.error("unauthorized", "hello.token: expected this server's token, got "
                                                + ("none" if token is None else "a wrong one"))
-        s.authed = True
+        if not s.authed:
+            # Slots go to sessions that said hello, so idle connections cannot lock clients out.
+            if len(self.sessions) >= self.cfg.max_sessions:
+                s.refused = True
+                return P.error("busy", f"server: expected at most {self.cfg.max_sessions} sessions, "
+                                       "all are taken; retry later")
+            s.authed = True
+            self.pending.discard(s.id)
+            self.sessions[s.id] = s
+            log.info("session %s opened", s.id)
         spec = self.base.spec.to_dict()
         return {"type": "ready", "version": P.PROTOCOL_VERSION, "session": s.id, "spec": spec,
                 "action_names": list(self.base.action_names),
@@ -129,10 +146,15 @@ class PolicyServer:
                            "burst": self.cfg.burst}}
 
     def _reset(self, s: Session, msg: dict) -> dict:
-        instruction = P.require(msg, "instruction", str, "a non-empty string")
-        emb = msg.get("embedding")
-        embedding = None if emb is None else P.decode_array(emb, "reset.embedding")
-        s.runner.reset(instruction, embedding)
+        # A failed reset ends the previous episode too: steps get not_ready until a reset succeeds.
+        try:
+            instruction = P.require(msg, "instruction", str, "a non-empty string")
+            emb = msg.get("embedding")
+            embedding = None if emb is None else P.decode_array(emb, "reset.embedding")
+            s.runner.reset(instruction, embedding)
+        except BaseException:
+            s.runner.end_episode()
+            raise
         return {"type": "reset_ok", "id": P.message_id(msg)}
 
     def _step_many(self, items: list[tuple[Session, int | None, dict]]) -> list[dict]:
@@ -216,29 +238,46 @@ class PolicyServer:
         except Exception as exc:  # the server stays up whatever a request does
             return self._error_reply(exc, kind, mid, s)
 
+    async def _hello_deadline(self, s: Session, ws) -> None:
+        await asyncio.sleep(self.cfg.hello_timeout_s)
+        if not s.authed:
+            log.info("connection %s: no hello within %g s; closed", s.id, self.cfg.hello_timeout_s)
+            try:
+                await ws.send(P.pack(P.error("unauthorized", f"hello: expected a 'hello' within "
+                                                             f"{self.cfg.hello_timeout_s:g} s of connecting, got none")))
+                await ws.close(1008, "no hello")
+            except Exception:  # already gone
+                pass
+
     async def handler(self, ws) -> None:
-        if len(self.sessions) >= self.cfg.max_sessions:
-            await ws.send(P.pack(P.error("busy", f"server: expected at most {self.cfg.max_sessions} sessions, "
-                                                 "all are taken; retry later")))
+        if len(self.pending) >= self.cfg.max_pending:
+            await ws.send(P.pack(P.error("busy", f"server: expected at most {self.cfg.max_pending} connections "
+                                                 "waiting to say hello, all are taken; retry later")))
             await ws.close(1013, "busy")
             return
         s = Session(self.base.fork(), self.cfg)
-        self.sessions[s.id] = s
-        log.info("session %s opened from %s", s.id, ws.remote_address)
+        self.pending.add(s.id)
+        log.info("connection %s from %s", s.id, ws.remote_address)
+        deadline = asyncio.ensure_future(self._hello_deadline(s, ws))
         try:
             async for frame in ws:
                 reply = await self.handle_frame(s, frame)
                 if reply is None:
                     break
                 await ws.send(P.pack(reply))
+                if s.refused:
+                    await ws.close(1013, "busy")
+                    break
                 if s.auth_failures >= self.cfg.max_auth_failures:
                     await ws.close(1008, "authentication failed")
                     break
         except Exception as exc:  # a dropped connection ends its session only
             log.info("session %s: connection ended: %s", s.id, type(exc).__name__)
         finally:
-            self.sessions.pop(s.id, None)
-            log.info("session %s closed", s.id)
+            deadline.cancel()
+            self.pending.discard(s.id)
+            if self.sessions.pop(s.id, None) is not None:
+                log.info("session %s closed", s.id)
 
     async def serve(self, ready: asyncio.Future | None = None, stop: asyncio.Future | None = None) -> None:
         from websockets.asyncio.server import serve

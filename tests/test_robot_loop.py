@@ -1,16 +1,25 @@
 """The robot loop drives the real tabletop env (standing in for a robot) through a misbehaving policy:
 it never sends NaN or out-of-bounds actions, holds when the policy is late, and stops when told."""
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import dm_env
 import numpy as np
 import pytest
+import torch
 
 import envs
 from policy.runner import PolicyRunner
 from rollout.random_policy import build_random_policy
-from rollout.robot_loop import RobotLoop, hold_keep
+from rollout.robot_loop import PolicyOverrunError, RobotLoop, hold_keep
+
+ROOT = Path(__file__).resolve().parents[1]
+# Whole-episode TTM memory: a step that lands after a reset shows in the state.
+EPISODE_MEMORY = ["model.controller.memory_horizon=0", "data.sequence=episode", "data.sequence_length=60"]
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +27,44 @@ def runner(tmp_path_factory):
     return PolicyRunner.load(build_random_policy(tmp_path_factory.mktemp("pol") / "policy"))
 
 
+@pytest.fixture(scope="module")
+def ttm_dir(tmp_path_factory):
+    return build_random_policy(tmp_path_factory.mktemp("ttm") / "policy", overrides=EPISODE_MEMORY)
+
+
+@pytest.fixture
+def ttm(ttm_dir):
+    return PolicyRunner.load(ttm_dir)
+
+
+def _slow_model(runner, monkeypatch, before):
+    """The runner's model step calls `before()` first (a sleep, a wait): a policy that overruns."""
+    step = runner.model.step
+    finished = threading.Event()
+
+    def slow(*args, **kwargs):
+        before()
+        out = step(*args, **kwargs)
+        finished.set()
+        return out
+
+    monkeypatch.setattr(runner.model, "step", slow)
+    return finished
+
+
+def _same_state(a, b):
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    return len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb))
+
+
 class RecordingEnv(dm_env.Environment):
     """Wraps the robot (here the simulator) and records every action it receives."""
 
     def __init__(self, env):
-        self.env, self.sent = env, []
+        self.env, self.sent, self.resets = env, [], 0
 
     def reset(self):
+        self.resets += 1
         return self.env.reset()
 
     def step(self, action):
@@ -120,16 +160,113 @@ def test_holds_when_the_policy_is_late(env, runner):
 
 
 def test_watchdog_stops_a_hung_policy_holding(env, runner):
+    release = threading.Event()
+
     class Hung:
         def reset(self, instruction):
             pass
 
         def step(self, obs):
-            time.sleep(5)
+            release.wait(10)
 
-    res = RobotLoop(env, Hung(), rate_hz=50, max_consecutive_late=5).run()
+    loop = RobotLoop(env, Hung(), rate_hz=50, max_consecutive_late=5, drain_timeout_s=0.05)
+    try:
+        # The hung call is still running when the loop stops: run() says so rather than return as if idle.
+        with pytest.raises(PolicyOverrunError, match="still running") as exc:
+            loop.run()
+    finally:
+        release.set()
+    res = exc.value.result
     assert res.steps == 5 and res.stop_reason.startswith("watchdog: 5 consecutive")
     assert all(np.all(a == 0) for a in env.sent)
+
+
+def test_run_returns_only_once_a_late_step_has_returned(env, ttm, monkeypatch):
+    # A late step writes the runner's state when it returns; had run() returned first, that write would
+    # land on top of the next reset (the old episode's memory in the new one).
+    finished = _slow_model(ttm, monkeypatch, lambda: time.sleep(0.35))
+    res = RobotLoop(env, ttm, rate_hz=10).run(max_steps=2)
+    assert finished.is_set() and ttm.steps == 1  # the late step is done before run() returned
+    assert [r.source for r in res.records] == ["hold", "hold"]
+    assert any(e["event"].startswith("drained: waited") for e in res.events)
+    ttm.reset("pick up the red block")
+    assert ttm.steps == 0 and _same_state(ttm._state, ttm.model.init_state(1))
+    assert not [t for t in threading.enumerate() if t.name == "policy-step" and t.is_alive()]
+
+
+def test_a_step_past_the_drain_timeout_raises_and_blocks_the_next_reset(env, ttm, monkeypatch):
+    release = threading.Event()
+    finished = _slow_model(ttm, monkeypatch, lambda: release.wait(10))
+
+    class Counting:
+        resets = 0
+
+        def reset(self, instruction):
+            Counting.resets += 1
+            ttm.reset(instruction)
+
+        def step(self, obs):
+            return ttm.step(obs)
+
+    loop = RobotLoop(env, Counting(), rate_hz=20, drain_timeout_s=0.05)
+    try:
+        with pytest.raises(PolicyOverrunError, match=r"loop step 0 is still running .* after the loop ended") as exc:
+            loop.run(max_steps=2)
+        assert exc.value.result.steps == 2 and loop.busy
+        # Still running: the next run() refuses before it moves the robot or resets the policy.
+        with pytest.raises(PolicyOverrunError, match="at the start of run"):
+            loop.run(max_steps=2)
+        assert env.resets == 1 and Counting.resets == 1 and len(env.sent) == 2
+    finally:
+        release.set()
+    loop.drain_timeout = 30.0  # the released step finishes at the next run's start
+    res = loop.run(max_steps=2)
+    assert finished.is_set() and not loop.busy and res.steps == 2 and Counting.resets == 2
+
+
+def test_a_new_policy_is_not_blocked_by_the_old_ones_stuck_step(env, runner):
+    release = threading.Event()
+
+    class Hung:
+        def reset(self, instruction):
+            pass
+
+        def step(self, obs):
+            release.wait(10)
+
+    loop = RobotLoop(env, Hung(), rate_hz=50, max_consecutive_late=2, drain_timeout_s=0.05)
+    try:
+        with pytest.raises(PolicyOverrunError):
+            loop.run()
+        loop.policy = runner  # e.g. a new PolicyClient after a lost link
+        loop.max_consecutive_late, loop.drain_timeout = None, 30.0  # (a loaded machine may be late)
+        res = loop.run(max_steps=2)  # the old policy's call is still stuck: not waited for
+        assert res.steps == 2 and res.stop_reason == "max_steps"
+    finally:
+        release.set()
+
+
+def test_a_script_ending_right_after_a_late_step_exits_cleanly(ttm_dir):
+    # The late step used to be inside torch when the interpreter exited: "terminate called without an
+    # active exception", rc 134.
+    code = f"""
+import time, envs
+from policy.runner import PolicyRunner
+from rollout.robot_loop import RobotLoop
+r = PolicyRunner.load({str(ttm_dir)!r})
+step = r.model.step
+def slow(*a, **k):
+    t = time.monotonic()
+    while time.monotonic() - t < 0.35:
+        out = step(*a, **k)
+    return out
+r.model.step = slow
+RobotLoop(envs.make("tabletop", task="lift", seed=1), r, rate_hz=10).run(max_steps=2)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
 
 
 def test_stop_hook_and_stop(env, runner):
@@ -139,6 +276,16 @@ def test_stop_hook_and_stop(env, runner):
     threading.Timer(0.2, loop.stop).start()
     res = loop.run()
     assert res.stop_reason == "stop" and 1 <= res.steps < 40
+
+
+def test_a_stop_before_run_is_not_lost(env, runner):
+    loop = RobotLoop(env, runner, rate_hz=50)
+    loop.stop()
+    res = loop.run()
+    assert res.stop_reason == "stop" and res.steps == 0
+    assert env.sent == [] and env.resets == 0  # the robot did not move, not even to its reset pose
+    res = loop.run(max_steps=3)  # each stop ends one run
+    assert res.stop_reason == "max_steps" and res.steps == 3
 
 
 def test_policy_exception_holds_and_stops(env, runner):
@@ -167,3 +314,5 @@ def test_bad_loop_settings_are_refused(env, runner):
         RobotLoop(env, runner, hold_action=np.zeros(3))
     with pytest.raises(TypeError, match="dm_env.Environment"):
         RobotLoop(object(), runner)
+    with pytest.raises(ValueError, match="drain_timeout_s"):
+        RobotLoop(env, runner, drain_timeout_s=-1)

@@ -1,10 +1,14 @@
 """A real policy server process on loopback: episodes through the client match in-process steps,
 sessions keep their own memory, and bad requests (randomised) get error replies while the server stays up."""
+import asyncio
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import msgpack
@@ -15,10 +19,11 @@ from websockets.sync.client import connect
 import envs
 from policy.runner import PolicyRunner
 from rollout import protocol as P
-from rollout.client import PolicyClient, RemotePolicyError
+from rollout.bench_serve import stop_server
+from rollout.client import ClientBrokenError, PolicyClient, RemotePolicyError
 from rollout.random_policy import build_random_policy
 from rollout.robot_loop import RobotLoop
-from rollout.server import ServerConfig
+from rollout.server import PolicyServer, ServerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789"
@@ -46,8 +51,44 @@ def server(policy_dir):
         proc.kill()
         pytest.fail(f"server did not start: {line!r}")
     yield f"ws://127.0.0.1:{m.group(1)}", proc
-    proc.terminate()
-    proc.wait(timeout=10)
+    stop_server(proc)
+
+
+@contextlib.contextmanager
+def _server_in_thread(runner, **cfg):
+    """A PolicyServer on its own event loop in this process: settings the CLI does not take, and a model
+    the test can slow down."""
+    server = PolicyServer(runner, ServerConfig(port=0, **cfg))
+    started: Future = Future()
+
+    def main():
+        async def go():
+            loop = asyncio.get_running_loop()
+            stop, ready = loop.create_future(), loop.create_future()
+            task = asyncio.ensure_future(server.serve(ready, stop))
+            started.set_result((loop, stop, await ready))
+            await task
+
+        asyncio.run(go())
+
+    thread = threading.Thread(target=main, daemon=True)
+    thread.start()
+    loop, stop, port = started.result(30)
+    try:
+        yield f"ws://127.0.0.1:{port}", server
+    finally:
+        loop.call_soon_threadsafe(lambda: stop.done() or stop.set_result(None))
+        thread.join(10)
+
+
+def _wait_until(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.02)
+    return cond()
+
+
+OBS = {"image": np.zeros((64, 64, 3), np.uint8), "state": np.zeros(4, np.float32)}
 
 
 def _assert_alive(url):
@@ -153,6 +194,13 @@ def _bad_frames(rng):
     return [makers[int(i)]() for i in rng.integers(len(makers), size=150)]
 
 
+def _is_reset(frame):
+    try:
+        return P.unpack(frame, 1 << 30)["type"] == "reset"
+    except Exception:
+        return False
+
+
 def test_random_bad_requests_get_error_replies_and_the_server_stays_up(server):
     url, proc = server
     rng = np.random.default_rng(1234)
@@ -167,6 +215,9 @@ def test_random_bad_requests_get_error_replies_and_the_server_stays_up(server):
             reply = P.unpack(ws.recv(10), 1 << 30)
             assert reply["type"] == "error" and reply["code"] in P.ERROR_CODES and reply["message"], reply
             codes.append(reply["code"])
+            if _is_reset(frame):  # a failed reset ends the episode: start another so steps are checked
+                ws.send(P.pack({"type": "reset", "id": 0, "instruction": "push the red block to the left"}))
+                assert P.unpack(ws.recv(10), 1 << 30)["type"] == "reset_ok"
         # The same session still works after all that.
         ws.send(P.pack({"type": "reset", "id": 1, "instruction": "pick up the red block"}))
         assert P.unpack(ws.recv(10), 1 << 30)["type"] == "reset_ok"
@@ -236,3 +287,100 @@ def test_bench_serve_reports_json(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "bench", "serve", "--image-size", "64by80"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 2 and "--image-size: expected HxW" in bad.stderr
+
+
+def test_a_failed_reset_leaves_the_session_without_an_episode(server, policy_dir):
+    url, _ = server
+    local = PolicyRunner.load(policy_dir)  # in process: the same rule
+    local.reset("pick up the red block")
+    local.step(OBS)
+    with pytest.raises(ValueError, match="instruction"):
+        local.reset("   ")
+    with pytest.raises(RuntimeError, match="before reset"):
+        local.step(OBS)
+    with PolicyClient(url, token=TOKEN) as c:
+        c.reset("pick up the red block")
+        c.step(OBS)
+        assert c.step(OBS) is not None and c.steps == 2
+        for bad in ("", "   "):  # refused by the protocol check and by the runner
+            with pytest.raises(RemotePolicyError, match="bad_request|bad_observation"):
+                c.reset(bad)
+            with pytest.raises(RemotePolicyError, match="not_ready"):  # not step 3 of the old episode
+                c.step(OBS)
+        c.reset("pick up the red block")
+        c.step(OBS)
+        assert c.steps == 1
+
+
+def test_a_client_timeout_closes_the_client_instead_of_pairing_later_replies_wrongly(policy_dir):
+    runner = PolicyRunner.load(policy_dir)
+    slow = threading.Event()
+    step = runner.model.step
+
+    def model_step(*args, **kwargs):
+        if slow.is_set():
+            time.sleep(0.4)
+        return step(*args, **kwargs)
+
+    runner.model.step = model_step  # shared by the server's sessions (forks share the model)
+    with _server_in_thread(runner) as (url, server):
+        c = PolicyClient(url)
+        c.reset("pick up the red block")
+        c.step(OBS)
+        c.timeout = 0.1
+        slow.set()
+        with pytest.raises(TimeoutError):
+            c.step(OBS)
+        slow.clear()
+        time.sleep(0.4)  # the late reply would be waiting by now
+        for _ in range(2):
+            with pytest.raises(ClientBrokenError, match="new PolicyClient and reset"):
+                c.step(OBS)
+        assert c.broken
+        c.close()
+        assert _wait_until(lambda: not server.sessions)  # the server ended the old session
+        with PolicyClient(url) as fresh:
+            fresh.reset("pick up the red block")
+            fresh.step(OBS)
+            assert fresh.steps == 1
+
+
+def test_idle_connections_cannot_take_the_session_slots(policy_dir):
+    with _server_in_thread(PolicyRunner.load(policy_dir), max_sessions=2, max_pending=3, hello_timeout_s=1.0) as (url, server):
+        with contextlib.ExitStack() as stack:
+            idle = [stack.enter_context(connect(url, compression=None)) for _ in range(2)]  # never say hello
+            with PolicyClient(url) as c:  # gets in: slots are for sessions past hello
+                c.reset("pick up the red block")
+                c.step(OBS)
+            for ws in idle:  # closed once the hello timeout passes
+                r = P.unpack(ws.recv(10), 1 << 30)
+                assert r["code"] == "unauthorized" and "'hello' within 1 s" in r["message"]
+                with pytest.raises(Exception):
+                    ws.recv(10)
+        assert _wait_until(lambda: not server.pending)
+        # The cap counts sessions past hello...
+        a, b = PolicyClient(url), PolicyClient(url)
+        with pytest.raises(RemotePolicyError, match="busy"):
+            PolicyClient(url)
+        a.close()
+        b.close()
+        # ...and connections waiting for hello have their own cap.
+        with contextlib.ExitStack() as stack:
+            for _ in range(3):
+                stack.enter_context(connect(url, compression=None))
+            assert _wait_until(lambda: len(server.pending) == 3)
+            with connect(url, compression=None) as ws:
+                r = P.unpack(ws.recv(10), 1 << 30)
+                assert r["code"] == "busy" and "waiting to say hello" in r["message"]
+    with pytest.raises(ValueError, match="hello_timeout_s"):
+        ServerConfig(hello_timeout_s=0).validate()
+
+
+def test_bench_serve_kills_a_server_that_ignores_sigterm():
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(60)"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "up"
+    t = time.monotonic()
+    assert stop_server(proc, timeout=0.3) == -9  # SIGKILL after the grace period
+    assert time.monotonic() - t < 10 and proc.poll() == -9
