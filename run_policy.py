@@ -196,7 +196,7 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     token = a.token or os.environ.get("POLICY_SERVER_TOKEN") or None
     cfg = ServerConfig(host=a.host, port=a.port, token=token, max_message_bytes=a.max_message_bytes,
                        rate_hz=a.rate_limit, burst=a.burst, max_sessions=a.max_sessions, model_thread=a.model_thread,
-                       max_batch=a.max_batch)
+                       max_batch=a.max_batch, hello_timeout_s=a.hello_timeout, max_pending=a.max_pending)
     serve_forever(a.policy, cfg, threads=a.threads, device=a.device)
     return {"served": a.policy}
 
@@ -416,7 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-message-bytes", type=_positive_int, default=4 << 20)
     s.add_argument("--rate-limit", type=_positive_float, default=200.0, help="messages per second per session (sustained)")
     s.add_argument("--burst", type=_positive_int, default=50, help="messages per session above the sustained rate")
-    s.add_argument("--max-sessions", type=_positive_int, default=16)
+    s.add_argument("--max-sessions", type=_positive_int, default=16, help="sessions past hello served at once")
+    s.add_argument("--max-pending", type=_positive_int, default=64,
+                   help="connections that have not yet said hello (each closed after --hello-timeout)")
+    s.add_argument("--hello-timeout", type=_positive_float, default=5.0,
+                   help="seconds a new connection has to authenticate with hello")
     s.add_argument("--model-thread", action="store_true",
                    help="run model calls on a worker thread (the loop stays responsive during long steps)")
     s.add_argument("--max-batch", type=_positive_int, default=16,
