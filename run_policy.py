@@ -79,9 +79,14 @@ def cmd_train(a: argparse.Namespace) -> dict:
             raise ValueError(f"--out {a.out!r}: expected nothing or the --resume directory {a.resume!r}")
         res = train(cfg, a.data, a.resume, resume=True)
     else:
-        if not a.data or not a.out:
-            raise ValueError("train: expected --data and --out (or --resume RUN_DIR)")
-        cfg = load_config(a.config, overrides)
+        if not a.out:
+            raise ValueError("train: expected --out RUN_DIR (or --resume RUN_DIR)")
+        cfg = load_config(a.config, overrides)  # first: a data.mixture in the config replaces --data
+        if cfg.data.mixture and a.data:
+            raise ValueError(f"--data {a.data!r}: expected none with data.mixture (list every dataset in the "
+                             "mixture), got both")
+        if not cfg.data.mixture and not a.data:
+            raise ValueError("train: expected --data DATA_DIR (or data.mixture in the config), got neither")
         res = train(cfg, a.data, a.out)
     if os.environ.get("RANK", "0") == "0":
         print(f"trained {res.steps} steps in {res.seconds:.0f}s: loss {res.final_loss:.3f}, token accuracy "
@@ -277,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="behaviour cloning from an RLDS dataset into a policy directory")
     t.add_argument("--config", default=str(DEFAULT_CONFIG))
-    t.add_argument("--data", default=None, help="RLDS dataset directory (with --resume: default the run's)")
+    t.add_argument("--data", default=None, help="RLDS dataset directory (with --resume: default the run's; "
+                                                "none with data.mixture)")
     t.add_argument("--out", default=None, help="run directory; the policy goes to OUT/policy")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue RUN_DIR from its newest checkpoint, exactly (its config; overrides on top)")

@@ -175,6 +175,7 @@ class TrainingData:
     """What training needs from the data layer: the opened dataset (keys, shapes, action statistics), the
     instruction list that batch["instruction"] indexes, and a factory for this rank's endless micro-batch stream."""
     dataset: Any  # datasets.rlds_loader.RLDSDataset (the first one of a mixture)
+    datasets: list  # every dataset of the mixture (the first included): the config must fit each
     instructions: list[str]
     scan: dict
     embedding_dim: int  # 0 when some dataset ships no precomputed instruction embedding
@@ -194,9 +195,10 @@ def _build_data(cfg: ExperimentConfig, data_path: str | Path | None, rank: int, 
         raise ConfigError(f"train.batch_size: expected a multiple of world size x train.grad_accum "
                           f"({world_size} x {cfg.train.grad_accum}), got {cfg.train.batch_size}")
     first = open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=seed, batch_size=micro)
-    if first.dataset.num_episodes < world_size:
-        raise ConfigError(f"--data {first.dataset.dir!r}: expected at least one episode per rank ({world_size} "
-                          f"ranks), the dataset has {first.dataset.num_episodes}")
+    for ds in first.datasets:
+        if ds.num_episodes < world_size:
+            raise ConfigError(f"--data {ds.dir!r}: expected at least one episode per rank ({world_size} "
+                              f"ranks), the dataset has {ds.num_episodes}")
 
     def batches(skip: int) -> Iterator[dict[str, torch.Tensor]]:
         if not skip:
@@ -204,7 +206,8 @@ def _build_data(cfg: ExperimentConfig, data_path: str | Path | None, rank: int, 
         return open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=seed,
                                     batch_size=micro, skip_batches=skip).batches
 
-    return TrainingData(first.dataset, first.instructions, first.scan, first.embedding_dim, micro, batches)
+    return TrainingData(first.dataset, list(first.datasets), first.instructions, first.scan, first.embedding_dim,
+                        micro, batches)
 
 
 # -- checks before the first step -----------------------------------------------------------------
@@ -215,15 +218,17 @@ def check_fits_dataset(cfg: ExperimentConfig, data: Any, source_spec: InputSpec 
         raise ConfigError(f"data.camera {cfg.data.camera!r}: expected RGB frames (H,W,3), the dataset has {data.image_shape}")
     if cfg.model.image.image_size > min(h, w):
         raise ConfigError(f"model.image.image_size: expected <= the dataset's frame size ({h}x{w} at "
-                          f"{cfg.data.camera!r}; upsampling adds no information), got {cfg.model.image.image_size}")
+                          f"{cfg.data.camera!r} in {data.dir!r}; upsampling adds no information), "
+                          f"got {cfg.model.image.image_size}")
     if cfg.data.action_bounds == "spec" and len(cfg.data.action_low) != data.action_dim:
         raise ConfigError(f"data.action_low: expected {data.action_dim} values (the dataset's action size), "
                           f"got {len(cfg.data.action_low)}")
     if cfg.data.sequence == "episode":
         longest = data.scan()["max_episode_length"]
         if longest > cfg.data.sequence_length:
-            raise ConfigError(f"data.sequence_length: expected >= the longest episode ({longest} steps) so the memory "
-                              f"sees whole episodes as at inference, got {cfg.data.sequence_length}")
+            raise ConfigError(f"data.sequence_length: expected >= the longest episode ({longest} steps, in "
+                              f"{data.dir!r}) so the memory sees whole episodes as at inference, "
+                              f"got {cfg.data.sequence_length}")
     if cfg.train.eval_every and not data.sidecar.get("env"):
         raise ConfigError("train.eval_every: expected 0 for a dataset not collected in one of our simulators "
                           f"(no 'env' in {data.dir!r}/policy_stack.json), got {cfg.train.eval_every}")
@@ -301,7 +306,8 @@ class Trainer:
         self.inputs = _build_data(cfg, data_path, self.info.rank, self.info.world_size, t.seed)
         data = self.dataset = self.inputs.dataset
         source = _source_policy(cfg)
-        check_fits_dataset(cfg, data, source[1] if source else None)
+        for ds in self.inputs.datasets:  # every dataset of a mixture, not only the first
+            check_fits_dataset(cfg, ds, source[1] if source else None)
         scan = self.inputs.scan
         self.uses_embedding = cfg.model.language.source == "embedding"
         if self.uses_embedding and self.inputs.embedding_dim != 512:

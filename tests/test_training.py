@@ -32,6 +32,19 @@ def tiny_data(tmp_path_factory) -> str:
     return str(collect("tabletop", ["reach", "lift"], 2, root / "data", workers=1, progress=False).path)
 
 
+@pytest.fixture(scope="session")
+def reach_data(tmp_path_factory) -> str:
+    """A second tiny dataset whose episodes are shorter than tiny_data's longest (reach only)."""
+    from datasets.collect import collect
+
+    root = tmp_path_factory.mktemp("train-data-reach")
+    return str(collect("tabletop", ["reach"], 2, root / "data", workers=1, progress=False).path)
+
+
+def mixture(*paths: str) -> str:
+    return "data.mixture=[" + ", ".join(f"{{path: '{p}'}}" for p in paths) + "]"
+
+
 def cfg_of(*overrides: str):
     from policy.config import load_config
 
@@ -250,3 +263,38 @@ def test_evaluation_in_the_loop_logs_success_and_writes_videos(tiny_data, tmp_pa
     assert set(res.eval["per_task"]) == {"reach", "lift"} and 0.0 <= res.eval["mean_success"] <= 1.0
     assert sorted(p.name for p in (tmp_path / "run" / "eval" / "step-00000002").iterdir()) == \
         ["lift_000.mp4", "reach_000.mp4"]
+
+
+def test_cli_trains_on_a_data_mixture_without_data(tiny_data, reach_data, tmp_path, capsys):
+    import run_policy
+
+    run, out = tmp_path / "mix", tmp_path / "mix.json"
+    rc = run_policy.main(["train", "--config", str(CONFIG), "--out", str(run), "--steps", "2", *TINY,
+                          mixture(tiny_data, reach_data), "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert json.loads(out.read_text())["steps"] == 2
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["data"] is None and [m["path"] for m in meta["config"]["data"]["mixture"]] == [tiny_data, reach_data]
+    assert (run / "policy" / "model.safetensors").is_file()
+    # --data and a mixture together, or neither: refused before anything runs
+    rc = run_policy.main(["train", "--config", str(CONFIG), "--out", str(tmp_path / "both"), "--data", tiny_data,
+                          *TINY, mixture(tiny_data, reach_data)])
+    assert rc == 2 and "expected none with data.mixture" in capsys.readouterr().err
+    rc = run_policy.main(["train", "--config", str(CONFIG), "--out", str(tmp_path / "none"), *TINY])
+    assert rc == 2 and "expected --data DATA_DIR (or data.mixture in the config), got neither" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists() and not (tmp_path / "none").exists()
+
+
+def test_every_dataset_of_a_mixture_must_fit_the_config(tiny_data, reach_data, tmp_path):
+    from datasets.rlds_loader import RLDSDataset
+    from policy.config import ConfigError
+    from policy.train import train
+
+    short, long = (RLDSDataset(p).scan()["max_episode_length"] for p in (reach_data, tiny_data))
+    assert short < long  # the first dataset's episodes fit, the second's do not
+    episodes = ["data.sequence=episode", "model.controller.memory_horizon=0", f"data.sequence_length={short}"]
+    with pytest.raises(ConfigError, match=rf"data.sequence_length: expected >= the longest episode \({long} steps, "
+                                          rf"in '{tiny_data}'\)"):
+        train(cfg_of("train.steps=1", *episodes, mixture(reach_data, tiny_data)), None, tmp_path / "run",
+              progress=False)
+    assert not (tmp_path / "run" / "tb").exists()
