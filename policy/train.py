@@ -74,6 +74,17 @@ def check_writable(out_dir: Path, need_bytes: int = 50 << 20) -> None:
                       f"the disk has {free >> 20} MiB")
 
 
+def check_new_run_dir(out_dir: Path) -> None:
+    """A new run must not start where another run lives: its run.json would be replaced and checkpoint
+    rotation (the K highest step numbers) would delete the new run's checkpoints, so that a later
+    --resume would load the old run."""
+    held = [name for name in (ckpt.RUN_FILE, ckpt.checkpoints_dir(out_dir).name) if (out_dir / name).exists()]
+    if held:
+        raise FileExistsError(f"--out {str(out_dir)!r}: expected a new or empty run directory, it holds a training "
+                              f"run ({', '.join(held)}); continue it with --resume {str(out_dir)!r}, or train into "
+                              "a new directory")
+
+
 def action_bounds(cfg: ExperimentConfig, stats: dict, action_dim: int) -> tuple[list[float], list[float]]:
     if cfg.data.action_bounds == "spec":
         low, high = list(cfg.data.action_low), list(cfg.data.action_high)
@@ -292,6 +303,8 @@ class Trainer:
         if resume:
             meta = ckpt.read_run_meta(self.out_dir)
             data_path = data_path or meta["data"]
+        else:  # every rank checks; rank 0 writes run.json only after the DDP set-up has synced them
+            check_new_run_dir(self.out_dir)
         if not data_path and not cfg.data.mixture:
             raise ConfigError("--data: expected an RLDS dataset directory (or data.mixture in the config), got none")
         if self.info.is_main:

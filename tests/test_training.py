@@ -298,3 +298,22 @@ def test_every_dataset_of_a_mixture_must_fit_the_config(tiny_data, reach_data, t
         train(cfg_of("train.steps=1", *episodes, mixture(reach_data, tiny_data)), None, tmp_path / "run",
               progress=False)
     assert not (tmp_path / "run" / "tb").exists()
+
+
+def test_fresh_run_into_a_directory_holding_a_run_is_refused(tiny_data, tmp_path):
+    from policy.train import train
+
+    run = tmp_path / "run"
+    train(cfg_of("train.steps=1"), tiny_data, run, progress=False)
+    before = {p: p.read_bytes() for p in (run / "run.json", run / "policy" / "model.safetensors")}
+    with pytest.raises(FileExistsError, match=rf"--out '{run}': expected a new or empty run directory, it holds a "
+                                              rf"training run \(run.json, checkpoints\); continue it with --resume"):
+        train(cfg_of("train.steps=2", "train.seed=1"), tiny_data, run, progress=False)
+    assert {p: p.read_bytes() for p in before} == before  # the old run is untouched
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
+    (run / "run.json").unlink()  # checkpoints alone are a run too
+    with pytest.raises(FileExistsError, match=r"it holds a training run \(checkpoints\)"):
+        train(cfg_of("train.steps=1"), tiny_data, run, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train(cfg_of("train.steps=1"), tiny_data, empty, progress=False).steps == 1  # an empty directory is fine
