@@ -233,13 +233,14 @@ def _structured(cfg: Any) -> Any:
     return OmegaConf.structured(cfg)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML config onto the dataclass defaults and apply `key=value` overrides."""
-    base = _structured(ExperimentConfig)
+def _merged(source: Any, overrides: list[str] | None) -> ExperimentConfig:
+    """Dataclass defaults <- source (a YAML path, a dict, or None) <- `key=value` overrides, validated."""
     try:
-        layers = [base]
-        if path is not None:
-            path = Path(path)
+        layers = [_structured(ExperimentConfig)]
+        if isinstance(source, dict):
+            layers.append(OmegaConf.create(source))
+        elif source is not None:
+            path = Path(source)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r}: expected an existing YAML file, found nothing there")
             layers.append(OmegaConf.load(path))
@@ -257,16 +258,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(data: dict) -> ExperimentConfig:
-    """Rebuild a config saved with `config_to_dict` (e.g. from a policy directory)."""
-    try:
-        merged = OmegaConf.merge(_structured(ExperimentConfig), OmegaConf.create(data))
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        raise ConfigError(f"config key {key!r}: {exc}".split("\n")[0]) from None
-    cfg: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate_config(cfg)
-    return cfg
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config onto the dataclass defaults and apply `key=value` overrides."""
+    return _merged(None if path is None else Path(path), overrides)
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Rebuild a config saved with `config_to_dict` (e.g. from a policy directory or run.json), with
+    optional `key=value` overrides on top (checked as load_config checks them)."""
+    return _merged(data, overrides)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:

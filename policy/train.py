@@ -85,6 +85,57 @@ def check_new_run_dir(out_dir: Path) -> None:
                               "a new directory")
 
 
+# Keys a resumed run may change: none touches the data stream, the weights' shapes or the optimizer state,
+# so they apply from the resumed step on. Every other key is refused (check_resume_config).
+RESUME_CHANGEABLE = frozenset({
+    "name", "train.steps", "train.warmup_steps", "train.grad_clip", "train.label_sigma", "train.max_bad_steps",
+    "train.ema_decay", "train.device", "train.autocast", "train.compile", "train.num_threads", "train.log_every",
+    "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_episodes", "train.eval_videos",
+    "data.parallel_calls"})
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _why_fixed_on_resume(key: str) -> str:
+    if key.startswith("data.") or key in ("train.batch_size", "train.grad_accum", "train.seed"):
+        return ("it changes the data stream, and resume skips the micro-batches the run consumed from its own "
+                "stream, so the run would not continue where it stopped")
+    if key in ("train.lr", "train.weight_decay", "train.optimizer"):
+        return "the optimizer and scheduler state restored from the checkpoint keep the run's value"
+    if key.startswith("model."):
+        return "the checkpoint's weights are those of the run's model"
+    return "it applies when a run starts (fine-tuning set-up)"
+
+
+def _dataset_ref(path: str | Path) -> str:
+    """How run.json records a dataset: absolute for local paths, as given for bucket URLs."""
+    return str(path) if "://" in str(path) else str(Path(path).resolve())
+
+
+def check_resume_config(cfg: ExperimentConfig, meta: dict, data_path: str | Path | None, run_dir: Path) -> None:
+    """Refuse, naming the key and why, a resume whose config or --data differs from the run's (run.json) in
+    anything but RESUME_CHANGEABLE: such a change was silently ignored or broke the exact continuation."""
+    if data_path and (meta.get("data") is None or _dataset_ref(data_path) != meta["data"]):
+        raise ConfigError(f"--data {str(data_path)!r}: expected none or the run's dataset ({meta.get('data')!r}"
+                          f"{', a data.mixture run' if meta.get('data') is None else ''}) on --resume "
+                          f"{str(run_dir)!r}: {_why_fixed_on_resume('data.')}")
+    old, new = _flat(meta["config"]), _flat(config_to_dict(cfg))
+    changed = [k for k in new if k in old and new[k] != old[k] and k not in RESUME_CHANGEABLE]
+    if changed:
+        raise ConfigError(f"--resume {str(run_dir)!r}: " + "; ".join(
+            f"{k} cannot change on resume ({_why_fixed_on_resume(k)}): the run has {old[k]!r}, got {new[k]!r}"
+            for k in changed) + ". Start a new run for that (train.init_from=RUN_DIR/policy copies "
+            "train.init_modules of its weights)")
+
+
 def action_bounds(cfg: ExperimentConfig, stats: dict, action_dim: int) -> tuple[list[float], list[float]]:
     if cfg.data.action_bounds == "spec":
         low, high = list(cfg.data.action_low), list(cfg.data.action_high)
@@ -302,6 +353,7 @@ class Trainer:
         t = cfg.train
         if resume:
             meta = ckpt.read_run_meta(self.out_dir)
+            check_resume_config(cfg, meta, data_path, self.out_dir)
             data_path = data_path or meta["data"]
         else:  # every rank checks; rank 0 writes run.json only after the DDP set-up has synced them
             check_new_run_dir(self.out_dir)
@@ -405,8 +457,10 @@ class Trainer:
         self.resumed_from = 0
         if resume:
             self._resume()
+            if self.info.is_main:  # the merged config (e.g. a new train.steps) is what the next --resume reads
+                ckpt.write_run_meta(self.out_dir, {**meta, "config": config_to_dict(cfg)})
         elif self.info.is_main:
-            ckpt.write_run_meta(self.out_dir, {"data": str(Path(self.data_path).resolve()) if self.data_path else None,
+            ckpt.write_run_meta(self.out_dir, {"data": _dataset_ref(self.data_path) if self.data_path else None,
                                                "config": config_to_dict(cfg), "world_size": self.info.world_size})
         self._batches = self.inputs.batches(self.step * t.grad_accum)
 
@@ -434,6 +488,9 @@ class Trainer:
                 print(f"resume: no checkpoint in {self.out_dir} yet; starting from step 0", file=sys.stderr)
             return
         state = ckpt.load_train_state(last)
+        if self.cfg.train.steps < int(state["step"]):
+            raise ConfigError(f"train.steps: expected >= {int(state['step'])}, the step --resume "
+                              f"{str(self.out_dir)!r} continues from (its newest checkpoint), got {self.cfg.train.steps}")
         if state["world_size"] != self.info.world_size:
             raise ckpt.CheckpointError(f"--resume {str(self.out_dir)!r}: expected the run's world size "
                                        f"({state['world_size']} processes; the data is sharded by rank), "

@@ -4,6 +4,7 @@ Exact resume after SIGKILL, 2-process gloo torchrun, gradient accumulation, the 
 fine-tuning's explicit tokenizer / action bounds, bad inputs before the first step, bench train."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -317,3 +318,45 @@ def test_fresh_run_into_a_directory_holding_a_run_is_refused(tiny_data, tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     assert train(cfg_of("train.steps=1"), tiny_data, empty, progress=False).steps == 1  # an empty directory is fine
+
+
+def test_resume_refuses_what_it_cannot_honour_and_records_the_new_step_count(tiny_data, reach_data, tmp_path,
+                                                                            capsys):
+    import run_policy
+
+    run = tmp_path / "run"
+    assert run_policy.main(["train", "--config", str(CONFIG), "--data", tiny_data, "--out", str(run),
+                            "--steps", "2", *TINY]) == 0, capsys.readouterr().err[-2000:]
+    meta = (run / "run.json").read_text()
+    why_data = r"\(it changes the data stream, and resume skips the micro-batches the run consumed"
+    why_opt = r"\(the optimizer and scheduler state restored from the checkpoint keep the run's value\)"
+    for args, error in [
+        (["train.lr=3e-4"], rf"train\.lr cannot change on resume {why_opt}: the run has 0\.001, got 0\.0003"),
+        (["train.weight_decay=0.1"], rf"train\.weight_decay cannot change on resume {why_opt}"),
+        (["train.batch_size=8"], rf"train\.batch_size cannot change on resume {why_data}"),
+        (["train.grad_accum=2"], rf"train\.grad_accum cannot change on resume {why_data}"),
+        (["train.seed=1"], rf"train\.seed cannot change on resume {why_data}"),
+        (["data.shuffle_buffer=8"], rf"data\.shuffle_buffer cannot change on resume {why_data}"),
+        (["--data", reach_data], rf"--data '{reach_data}': expected none or the run's dataset \('{tiny_data}'\)"),
+        (["model.controller.layers=2"], r"model\.controller\.layers cannot change on resume \(the checkpoint's weights"),
+        (["--config", str(CONFIG)], r"--config '.*': expected none with --resume"),
+        (["--steps", "1"], rf"train\.steps: expected >= 2, the step --resume '{run}' continues from"),
+    ]:
+        assert run_policy.main(["train", "--resume", str(run), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert re.search(error, err), (args, err[-1500:])
+    assert (run / "run.json").read_text() == meta  # a refused resume leaves the run as it was
+
+    # --steps 4 (and a checkpoint at step 3) on resume, killed after that checkpoint: a plain --resume
+    # then continues to step 4, not to the 2 steps the run started with.
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RUN.format(root=str(ROOT)))
+    proc = subprocess.run([sys.executable, str(script), "train", "--resume", str(run), "--steps", "4",
+                           "train.save_every=3"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["train"]["steps"] == 4 and config["train"]["save_every"] == 3
+    assert run_policy.main(["train", "--resume", str(run), "--json", str(tmp_path / "r.json")]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["steps"] == 4 and out["resumed_from_step"] == 3
+    assert (run / "checkpoints" / "step-00000004").is_dir()
