@@ -66,22 +66,26 @@ def cmd_train(a: argparse.Namespace) -> dict:
         a.json = None
     if a.resume:
         from policy.checkpoint import read_run_meta
-        from policy.config import config_from_dict, validate_config
-        from omegaconf import OmegaConf
+        from policy.config import config_from_dict
 
-        # The run's own config; command-line overrides (e.g. more --steps) apply on top.
-        base = OmegaConf.create(read_run_meta(a.resume)["config"])
-        if overrides:
-            base = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
-        cfg = config_from_dict(OmegaConf.to_container(base))
-        validate_config(cfg)
+        if a.config is not None:  # it would be ignored: the run's own config is used
+            raise ValueError(f"--config {a.config!r}: expected none with --resume (the run's config from run.json "
+                             "is used; pass key=value overrides instead)")
         if a.out and Path(a.out).resolve() != Path(a.resume).resolve():
             raise ValueError(f"--out {a.out!r}: expected nothing or the --resume directory {a.resume!r}")
+        # The run's own config; overrides apply on top, and train refuses those a resume cannot honour.
+        cfg = config_from_dict(read_run_meta(a.resume)["config"], overrides)
         res = train(cfg, a.data, a.resume, resume=True)
     else:
-        if not a.data or not a.out:
-            raise ValueError("train: expected --data and --out (or --resume RUN_DIR)")
-        cfg = load_config(a.config, overrides)
+        if not a.out:
+            raise ValueError("train: expected --out RUN_DIR (or --resume RUN_DIR)")
+        # first: a data.mixture in the config replaces --data
+        cfg = load_config(a.config if a.config is not None else DEFAULT_CONFIG, overrides)
+        if cfg.data.mixture and a.data:
+            raise ValueError(f"--data {a.data!r}: expected none with data.mixture (list every dataset in the "
+                             "mixture), got both")
+        if not cfg.data.mixture and not a.data:
+            raise ValueError("train: expected --data DATA_DIR (or data.mixture in the config), got neither")
         res = train(cfg, a.data, a.out)
     if os.environ.get("RANK", "0") == "0":
         print(f"trained {res.steps} steps in {res.seconds:.0f}s: loss {res.final_loss:.3f}, token accuracy "
@@ -313,11 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_collect)
 
     t = sub.add_parser("train", help="behaviour cloning from an RLDS dataset into a policy directory")
-    t.add_argument("--config", default=str(DEFAULT_CONFIG))
-    t.add_argument("--data", default=None, help="RLDS dataset directory (with --resume: default the run's)")
+    t.add_argument("--config", default=None, help=f"YAML config (default {DEFAULT_CONFIG.relative_to(ROOT)}; "
+                                                  "none with --resume)")
+    t.add_argument("--data", default=None, help="RLDS dataset directory (with --resume: default the run's; "
+                                                "none with data.mixture)")
     t.add_argument("--out", default=None, help="run directory; the policy goes to OUT/policy")
     t.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue RUN_DIR from its newest checkpoint, exactly (its config; overrides on top)")
+                   help="continue RUN_DIR from its newest checkpoint, exactly (its config; overrides on top: "
+                        "train.steps and run-control keys only, docs/TRAINING.md)")
     t.add_argument("--steps", type=int, default=None, help="shortcut for train.steps=N")
     t.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.lr=3e-4")
     t.set_defaults(fn=cmd_train)

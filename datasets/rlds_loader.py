@@ -178,6 +178,7 @@ class RLDSDataset:
         self._validate(camera)
         self.keys = DataKeys(self.camera, entry.proprio if self.use_proprio else None, entry.instruction, entry.action)
         self._scan: dict[str, Any] | None = None
+        self.scan_source = "not scanned yet"  # where scan() came from: a cache file, or computed now
         if verify_shards:
             self._check_first_episode()
 
@@ -369,7 +370,10 @@ class RLDSDataset:
             return self._scan
         cache_name = f"scan-{self.split}-{self._cache_digest()}.json"
         cached = self._read_json(cache_name)
-        if cached is None:
+        if cached is not None:
+            self.scan_source = f"scan cache {str(self._cache_file(cache_name))!r}"
+        else:
+            self.scan_source = "scan computed now"
             actions, instructions, lengths = [], set(), []
             for ep in self.episode_tensors(decode_images=False).as_numpy_iterator():
                 actions.append(ep["action"])
@@ -420,6 +424,9 @@ class RLDSDataset:
         writable = bool(d.stat().st_mode & stat.S_IWUSR) and os.access(d, os.W_OK)
         return [d, user] if writable else [user]
 
+    def _cache_file(self, name: str) -> Path | None:
+        return next((d / name for d in self.cache_dirs() if (d / name).is_file()), None)
+
     def _read_json(self, name: str) -> dict | None:
         for d in self.cache_dirs():
             f = d / name
@@ -446,6 +453,10 @@ class RLDSDataset:
 def dataset_error_from_tf(exc: tf.errors.OpError, context: str) -> DatasetError:
     """Our own assertion messages (dataset, field, declared shape) out of a tf.data error."""
     text = exc.message.replace("\\'", "'")
+    unknown = re.search(r"\[(dataset '.*?': instruction)\] \[(.*?)\] \[(is not in the instruction list .*?)\]",
+                        text, re.S)
+    if unknown:  # make_sequences' lookup check
+        return DatasetError(f"{unknown.group(1)} {unknown.group(2)!r} {unknown.group(3)}")
     ours = re.search(r"(dataset '.*?\(features\.json\))", text)
     got = re.search(r"\[x \(.*?\) = \] \[(\d+) (\d+)\]", text)
     if ours and got:
@@ -493,6 +504,11 @@ def make_sequences(data: RLDSDataset, spec: SequenceSpec, instruction_ids: dict[
     keys = tf.constant(list(instruction_ids.keys()))
     vals = tf.constant(list(instruction_ids.values()), dtype=tf.int64)
     table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, vals), default_value=-1)
+    # -1 would index the last instruction: an instruction missing from the list (a stale scan cache) fails
+    missing = [f"dataset {data.dir!r}: instruction",
+               f"is not in the instruction list of the {data.scan_source} (stale: delete that file to rescan "
+               "the dataset)" if data.scan_source.startswith("scan cache") else
+               f"is not in the instruction list the sequences were built with ({data.scan_source})"]
     size = spec.image_size
     T = spec.length
     calls = tf.data.AUTOTUNE if spec.parallel_calls in (-1, 0) else spec.parallel_calls
@@ -501,7 +517,11 @@ def make_sequences(data: RLDSDataset, spec: SequenceSpec, instruction_ids: dict[
         img = data.decode_frames(ep["image"])
         if size and (data.image_shape[0] != size or data.image_shape[1] != size):
             img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [size, size], antialias=True)), 0, 255), tf.uint8)
-        out = {"image": img, "action": ep["action"], "instruction": table.lookup(ep["instruction"][0])}
+        text = ep["instruction"][0]
+        idx = table.lookup(text)
+        with tf.control_dependencies([tf.debugging.Assert(idx >= 0, [missing[0], text, missing[1]])]):
+            idx = tf.identity(idx)
+        out = {"image": img, "action": ep["action"], "instruction": idx}
         if "proprio" in ep:
             out["proprio"] = ep["proprio"]
         if "instruction_embedding" in ep:

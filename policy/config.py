@@ -6,6 +6,7 @@ at load time with the key named.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,9 @@ class DataConfig:
     # name / our sidecar's env), a built-in entry name (datasets/standardize.py), or a YAML file of
     # entries (docs/DATA.md). With "auto", the explicit keys below are used for our own datasets.
     standardization: str = "auto"
-    # Several datasets sampled by weight; when given, --data may be omitted (then the mixture is all).
+    # Several datasets sampled by weight; when given, the mixture is all the data (train takes no --data then).
     mixture: list[MixtureEntry] = field(default_factory=list)
-    crop_pad: int = 0  # RT-1's pad-and-random-crop inside tf.data, in pixels (0 = off)
+    crop_pad: int = 0  # RT-1's pad-and-random-crop inside tf.data, in pixels (0 = off; not with random_shift)
     parallel_calls: int = -1  # tf.data parallel map calls (-1 = AUTOTUNE)
     sentencepiece_model: str = ""  # a given .model file; empty = train one on the instructions (cached)
     camera: str = "observation/image"  # path of the camera frame inside a step
@@ -170,7 +171,8 @@ class DataConfig:
     action_high: list[float] = field(default_factory=list)
     # Training-time augmentation: shift each training sequence's frames by up to this many pixels
     # (edge padding, then a random crop back to size; one shift per sequence, as a steady camera
-    # would move). RT-1 pads and random-crops; 0 turns it off.
+    # would move). RT-1 pads and random-crops; 0 turns it off. The torch-side twin of crop_pad (which
+    # reflects instead of edge-padding); at most one of them may be on.
     random_shift: int = 0
 
 
@@ -181,7 +183,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 100
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient-norm bound, > 0
     seed: int = 0
     log_every: int = 25
     save_every: int = 500
@@ -234,13 +236,14 @@ def _structured(cfg: Any) -> Any:
     return OmegaConf.structured(cfg)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load a YAML config onto the dataclass defaults and apply `key=value` overrides."""
-    base = _structured(ExperimentConfig)
+def _merged(source: Any, overrides: list[str] | None) -> ExperimentConfig:
+    """Dataclass defaults <- source (a YAML path, a dict, or None) <- `key=value` overrides, validated."""
     try:
-        layers = [base]
-        if path is not None:
-            path = Path(path)
+        layers = [_structured(ExperimentConfig)]
+        if isinstance(source, dict):
+            layers.append(OmegaConf.create(source))
+        elif source is not None:
+            path = Path(source)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r}: expected an existing YAML file, found nothing there")
             layers.append(OmegaConf.load(path))
@@ -258,16 +261,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def config_from_dict(data: dict) -> ExperimentConfig:
-    """Rebuild a config saved with `config_to_dict` (e.g. from a policy directory)."""
-    try:
-        merged = OmegaConf.merge(_structured(ExperimentConfig), OmegaConf.create(data))
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        raise ConfigError(f"config key {key!r}: {exc}".split("\n")[0]) from None
-    cfg: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate_config(cfg)
-    return cfg
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML config onto the dataclass defaults and apply `key=value` overrides."""
+    return _merged(None if path is None else Path(path), overrides)
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Rebuild a config saved with `config_to_dict` (e.g. from a policy directory or run.json), with
+    optional `key=value` overrides on top (checked as load_config checks them)."""
+    return _merged(data, overrides)
 
 
 def config_to_dict(cfg: ExperimentConfig) -> dict:
@@ -291,9 +293,16 @@ def validate_config(cfg: ExperimentConfig) -> None:
         from policy.vittm import check_image_config  # imports this module
 
         check_image_config(m.image)
+    else:  # the variant table; otherwise an unknown variant fails only when the model is built
+        from policy.film_efficientnet import resolve_variant  # imports this module
+
+        resolve_variant(m.image)
     _require(m.language.source in ("sentencepiece", "embedding"), "model.language.source",
              "'sentencepiece' or 'embedding'", m.language.source)
     _require(m.language.vocab_size >= 8, "model.language.vocab_size", ">= 8", m.language.vocab_size)
+    from policy.text_encoder import check_language_config  # imports this module
+
+    check_language_config(m.language)
     c = m.controller
     from policy.controllers import check_controller_config  # imports this module
 
@@ -313,11 +322,18 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _require(d.sequence_length >= 1, "data.sequence_length", ">= 1", d.sequence_length)
     _require(d.random_shift >= 0, "data.random_shift", ">= 0", d.random_shift)
     _require(d.crop_pad >= 0, "data.crop_pad", ">= 0 pixels", d.crop_pad)
+    # Two shift augmentations stacked would double the shift range unnoticed.
+    _require(not (d.crop_pad and d.random_shift), "data.crop_pad",
+             f"0 when data.random_shift is on ({d.random_shift}; one shift augmentation at a time)", d.crop_pad)
     _require(d.parallel_calls == -1 or d.parallel_calls >= 1, "data.parallel_calls", "-1 (AUTOTUNE) or >= 1",
              d.parallel_calls)
-    for i, m in enumerate(d.mixture):
-        _require(bool(m.path), f"data.mixture[{i}].path", "a dataset directory", m.path)
-        _require(m.weight > 0, f"data.mixture[{i}].weight", "> 0", m.weight)
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1 episodes", d.shuffle_buffer)
+    _check_standardization(d.standardization, "data.standardization")
+    for i, entry in enumerate(d.mixture):
+        _require(bool(entry.path), f"data.mixture[{i}].path", "a dataset directory", entry.path)
+        _require(math.isfinite(entry.weight) and entry.weight > 0, f"data.mixture[{i}].weight", "a finite number > 0",
+                 entry.weight)
+        _check_standardization(entry.standardization, f"data.mixture[{i}].standardization")
     _require(c.memory_horizon >= 0, "model.controller.memory_horizon", ">= 0", c.memory_horizon)
     if c.type == "rt1":
         pass  # rt1's history is model.controller.window; memory_horizon does not apply
@@ -332,10 +348,23 @@ def validate_config(cfg: ExperimentConfig) -> None:
     if d.action_bounds == "spec":
         _require(len(d.action_low) == len(d.action_high) > 0, "data.action_low/action_high",
                  "two lists of equal, non-zero length", (d.action_low, d.action_high))
+        for i, (lo, hi) in enumerate(zip(d.action_low, d.action_high)):
+            # low >= high collapses every action of that dimension into one bin
+            _require(math.isfinite(lo) and math.isfinite(hi) and lo < hi, f"data.action_low[{i}] / data.action_high[{i}]",
+                     "finite bounds with low < high", (lo, hi))
+    else:  # bounds given but ignored would silently train on the dataset's min/max instead
+        _require(not d.action_low and not d.action_high, "data.action_low/action_high",
+                 "empty unless data.action_bounds is 'spec' (data.action_bounds is "
+                 f"{d.action_bounds!r})", (d.action_low, d.action_high))
     t = cfg.train
     _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
     _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
     _require(t.lr > 0, "train.lr", "> 0", t.lr)
+    _require(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    # <= 0 would zero the gradients (0) or flip them into gradient ascent (< 0)
+    _require(t.grad_clip > 0, "train.grad_clip", "a gradient-norm bound > 0", t.grad_clip)
+    _require(t.log_every >= 1, "train.log_every", ">= 1 steps", t.log_every)
+    _require(t.num_threads >= 0, "train.num_threads", ">= 0 (0 = torch's default)", t.num_threads)
     _require(t.label_sigma >= 0, "train.label_sigma", ">= 0", t.label_sigma)
     _require(t.optimizer in ("adamw", "adam"), "train.optimizer", "'adamw' or 'adam'", t.optimizer)
     _require(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
@@ -350,3 +379,15 @@ def validate_config(cfg: ExperimentConfig) -> None:
     _require(t.eval_episodes >= 1, "train.eval_episodes", ">= 1", t.eval_episodes)
     _require(t.save_every >= 0, "train.save_every", ">= 0", t.save_every)
     _require(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps)
+    from policy.model import MODULE_NAMES  # imports this module
+
+    unknown = [n for n in t.init_modules if n not in MODULE_NAMES]
+    _require(not unknown, "train.init_modules", f"names from {list(MODULE_NAMES)}", unknown)
+
+
+def _check_standardization(value: str, key: str) -> None:
+    """'auto', a built-in entry name or a YAML file of entries (whose contents are read when the data opens)."""
+    from datasets.standardize import BUILTIN, is_entry_file
+
+    _require(value == "auto" or value in BUILTIN or is_entry_file(value), key,
+             f"'auto', one of {sorted(BUILTIN)} or a YAML file of entries (*.yaml)", value)

@@ -80,6 +80,11 @@ class TokenHead(nn.Module):
         return self.out(x)
 
 
+# PolicyModel's top-level modules / parameters (what train.init_modules names); image_pos, proprio and
+# instruction exist only when their config switch is on.
+MODULE_NAMES = ("text", "backbone", "token_learner", "image_pos", "proprio", "instruction", "controller", "head")
+
+
 class PolicyModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, num_action_dims: int, proprio_dim: int,
                  embedding_dim: int = 512):

@@ -12,24 +12,31 @@ from torch import nn
 from policy.config import ConfigError, LanguageConfig
 
 
+def check_language_config(cfg: LanguageConfig) -> None:
+    """Raise ConfigError naming the first model.language field the encoder cannot use (validate_config calls it)."""
+    if cfg.source not in ("sentencepiece", "embedding"):
+        raise ConfigError(f"model.language.source: expected 'sentencepiece' or 'embedding', got {cfg.source!r}")
+    if cfg.context_dim < 1:
+        raise ConfigError(f"model.language.context_dim: expected >= 1, got {cfg.context_dim!r}")
+    if cfg.source == "embedding":
+        return
+    for name, ok in (("width", cfg.width >= 1), ("layers", cfg.layers >= 1), ("max_tokens", cfg.max_tokens >= 1),
+                     ("heads", cfg.heads >= 1 and cfg.width % max(cfg.heads, 1) == 0)):
+        if not ok:
+            expected = f"a divisor of model.language.width ({cfg.width})" if name == "heads" else ">= 1"
+            raise ConfigError(f"model.language.{name}: expected {expected}, got {getattr(cfg, name)!r}")
+
+
 class TextEncoder(nn.Module):
     def __init__(self, cfg: LanguageConfig, vocab_size: int, embedding_dim: int = 512):
         super().__init__()
-        if cfg.source not in ("sentencepiece", "embedding"):
-            raise ConfigError(f"model.language.source: expected 'sentencepiece' or 'embedding', got {cfg.source!r}")
-        if cfg.context_dim < 1:
-            raise ConfigError(f"model.language.context_dim: expected >= 1, got {cfg.context_dim!r}")
+        check_language_config(cfg)
         self.source = cfg.source
         if cfg.source == "embedding":
             if embedding_dim < 1:
                 raise ValueError(f"embedding_dim: expected >= 1 for model.language.source='embedding', got {embedding_dim}")
             self.proj = nn.Linear(embedding_dim, cfg.context_dim)
             return
-        for name, ok in (("width", cfg.width >= 1), ("layers", cfg.layers >= 1), ("max_tokens", cfg.max_tokens >= 1),
-                         ("heads", cfg.heads >= 1 and cfg.width % max(cfg.heads, 1) == 0)):
-            if not ok:
-                expected = f"a divisor of model.language.width ({cfg.width})" if name == "heads" else ">= 1"
-                raise ConfigError(f"model.language.{name}: expected {expected}, got {getattr(cfg, name)!r}")
         if vocab_size < 2:
             raise ValueError(f"vocab_size: expected >= 2 (the tokenizer's vocabulary), got {vocab_size}")
         self.max_tokens = cfg.max_tokens

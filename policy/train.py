@@ -74,6 +74,68 @@ def check_writable(out_dir: Path, need_bytes: int = 50 << 20) -> None:
                       f"the disk has {free >> 20} MiB")
 
 
+def check_new_run_dir(out_dir: Path) -> None:
+    """A new run must not start where another run lives: its run.json would be replaced and checkpoint
+    rotation (the K highest step numbers) would delete the new run's checkpoints, so that a later
+    --resume would load the old run."""
+    held = [name for name in (ckpt.RUN_FILE, ckpt.checkpoints_dir(out_dir).name) if (out_dir / name).exists()]
+    if held:
+        raise FileExistsError(f"--out {str(out_dir)!r}: expected a new or empty run directory, it holds a training "
+                              f"run ({', '.join(held)}); continue it with --resume {str(out_dir)!r}, or train into "
+                              "a new directory")
+
+
+# Keys a resumed run may change: none touches the data stream, the weights' shapes or the optimizer state,
+# so they apply from the resumed step on. Every other key is refused (check_resume_config).
+RESUME_CHANGEABLE = frozenset({
+    "name", "train.steps", "train.warmup_steps", "train.grad_clip", "train.label_sigma", "train.max_bad_steps",
+    "train.ema_decay", "train.device", "train.autocast", "train.compile", "train.num_threads", "train.log_every",
+    "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_episodes", "train.eval_videos",
+    "data.parallel_calls"})
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _why_fixed_on_resume(key: str) -> str:
+    if key.startswith("data.") or key in ("train.batch_size", "train.grad_accum", "train.seed"):
+        return ("it changes the data stream, and resume skips the micro-batches the run consumed from its own "
+                "stream, so the run would not continue where it stopped")
+    if key in ("train.lr", "train.weight_decay", "train.optimizer"):
+        return "the optimizer and scheduler state restored from the checkpoint keep the run's value"
+    if key.startswith("model."):
+        return "the checkpoint's weights are those of the run's model"
+    return "it applies when a run starts (fine-tuning set-up)"
+
+
+def _dataset_ref(path: str | Path) -> str:
+    """How run.json records a dataset: absolute for local paths, as given for bucket URLs."""
+    return str(path) if "://" in str(path) else str(Path(path).resolve())
+
+
+def check_resume_config(cfg: ExperimentConfig, meta: dict, data_path: str | Path | None, run_dir: Path) -> None:
+    """Refuse, naming the key and why, a resume whose config or --data differs from the run's (run.json) in
+    anything but RESUME_CHANGEABLE: such a change was silently ignored or broke the exact continuation."""
+    if data_path and (meta.get("data") is None or _dataset_ref(data_path) != meta["data"]):
+        raise ConfigError(f"--data {str(data_path)!r}: expected none or the run's dataset ({meta.get('data')!r}"
+                          f"{', a data.mixture run' if meta.get('data') is None else ''}) on --resume "
+                          f"{str(run_dir)!r}: {_why_fixed_on_resume('data.')}")
+    old, new = _flat(meta["config"]), _flat(config_to_dict(cfg))
+    changed = [k for k in new if k in old and new[k] != old[k] and k not in RESUME_CHANGEABLE]
+    if changed:
+        raise ConfigError(f"--resume {str(run_dir)!r}: " + "; ".join(
+            f"{k} cannot change on resume ({_why_fixed_on_resume(k)}): the run has {old[k]!r}, got {new[k]!r}"
+            for k in changed) + ". Start a new run for that (train.init_from=RUN_DIR/policy copies "
+            "train.init_modules of its weights)")
+
+
 def action_bounds(cfg: ExperimentConfig, stats: dict, action_dim: int) -> tuple[list[float], list[float]]:
     if cfg.data.action_bounds == "spec":
         low, high = list(cfg.data.action_low), list(cfg.data.action_high)
@@ -175,6 +237,7 @@ class TrainingData:
     """What training needs from the data layer: the opened dataset (keys, shapes, action statistics), the
     instruction list that batch["instruction"] indexes, and a factory for this rank's endless micro-batch stream."""
     dataset: Any  # datasets.rlds_loader.RLDSDataset (the first one of a mixture)
+    datasets: list  # every dataset of the mixture (the first included): the config must fit each
     instructions: list[str]
     scan: dict
     embedding_dim: int  # 0 when some dataset ships no precomputed instruction embedding
@@ -194,9 +257,10 @@ def _build_data(cfg: ExperimentConfig, data_path: str | Path | None, rank: int, 
         raise ConfigError(f"train.batch_size: expected a multiple of world size x train.grad_accum "
                           f"({world_size} x {cfg.train.grad_accum}), got {cfg.train.batch_size}")
     first = open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=seed, batch_size=micro)
-    if first.dataset.num_episodes < world_size:
-        raise ConfigError(f"--data {first.dataset.dir!r}: expected at least one episode per rank ({world_size} "
-                          f"ranks), the dataset has {first.dataset.num_episodes}")
+    for ds in first.datasets:
+        if ds.num_episodes < world_size:
+            raise ConfigError(f"--data {ds.dir!r}: expected at least one episode per rank ({world_size} "
+                              f"ranks), the dataset has {ds.num_episodes}")
 
     def batches(skip: int) -> Iterator[dict[str, torch.Tensor]]:
         if not skip:
@@ -204,7 +268,8 @@ def _build_data(cfg: ExperimentConfig, data_path: str | Path | None, rank: int, 
         return open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=seed,
                                     batch_size=micro, skip_batches=skip).batches
 
-    return TrainingData(first.dataset, first.instructions, first.scan, first.embedding_dim, micro, batches)
+    return TrainingData(first.dataset, list(first.datasets), first.instructions, first.scan, first.embedding_dim,
+                        micro, batches)
 
 
 # -- checks before the first step -----------------------------------------------------------------
@@ -215,15 +280,17 @@ def check_fits_dataset(cfg: ExperimentConfig, data: Any, source_spec: InputSpec 
         raise ConfigError(f"data.camera {cfg.data.camera!r}: expected RGB frames (H,W,3), the dataset has {data.image_shape}")
     if cfg.model.image.image_size > min(h, w):
         raise ConfigError(f"model.image.image_size: expected <= the dataset's frame size ({h}x{w} at "
-                          f"{cfg.data.camera!r}; upsampling adds no information), got {cfg.model.image.image_size}")
+                          f"{cfg.data.camera!r} in {data.dir!r}; upsampling adds no information), "
+                          f"got {cfg.model.image.image_size}")
     if cfg.data.action_bounds == "spec" and len(cfg.data.action_low) != data.action_dim:
         raise ConfigError(f"data.action_low: expected {data.action_dim} values (the dataset's action size), "
                           f"got {len(cfg.data.action_low)}")
     if cfg.data.sequence == "episode":
         longest = data.scan()["max_episode_length"]
         if longest > cfg.data.sequence_length:
-            raise ConfigError(f"data.sequence_length: expected >= the longest episode ({longest} steps) so the memory "
-                              f"sees whole episodes as at inference, got {cfg.data.sequence_length}")
+            raise ConfigError(f"data.sequence_length: expected >= the longest episode ({longest} steps, in "
+                              f"{data.dir!r}) so the memory sees whole episodes as at inference, "
+                              f"got {cfg.data.sequence_length}")
     if cfg.train.eval_every and not data.sidecar.get("env"):
         raise ConfigError("train.eval_every: expected 0 for a dataset not collected in one of our simulators "
                           f"(no 'env' in {data.dir!r}/policy_stack.json), got {cfg.train.eval_every}")
@@ -286,7 +353,10 @@ class Trainer:
         t = cfg.train
         if resume:
             meta = ckpt.read_run_meta(self.out_dir)
+            check_resume_config(cfg, meta, data_path, self.out_dir)
             data_path = data_path or meta["data"]
+        else:  # every rank checks; rank 0 writes run.json only after the DDP set-up has synced them
+            check_new_run_dir(self.out_dir)
         if not data_path and not cfg.data.mixture:
             raise ConfigError("--data: expected an RLDS dataset directory (or data.mixture in the config), got none")
         if self.info.is_main:
@@ -301,7 +371,8 @@ class Trainer:
         self.inputs = _build_data(cfg, data_path, self.info.rank, self.info.world_size, t.seed)
         data = self.dataset = self.inputs.dataset
         source = _source_policy(cfg)
-        check_fits_dataset(cfg, data, source[1] if source else None)
+        for ds in self.inputs.datasets:  # every dataset of a mixture, not only the first
+            check_fits_dataset(cfg, ds, source[1] if source else None)
         scan = self.inputs.scan
         self.uses_embedding = cfg.model.language.source == "embedding"
         if self.uses_embedding and self.inputs.embedding_dim != 512:
@@ -387,8 +458,10 @@ class Trainer:
         self.resumed_from = 0
         if resume:
             self._resume()
+            if self.info.is_main:  # the merged config (e.g. a new train.steps) is what the next --resume reads
+                ckpt.write_run_meta(self.out_dir, {**meta, "config": config_to_dict(cfg)})
         elif self.info.is_main:
-            ckpt.write_run_meta(self.out_dir, {"data": str(Path(self.data_path).resolve()) if self.data_path else None,
+            ckpt.write_run_meta(self.out_dir, {"data": _dataset_ref(self.data_path) if self.data_path else None,
                                                "config": config_to_dict(cfg), "world_size": self.info.world_size})
         self._batches = self.inputs.batches(self.step * t.grad_accum)
 
@@ -416,6 +489,9 @@ class Trainer:
                 print(f"resume: no checkpoint in {self.out_dir} yet; starting from step 0", file=sys.stderr)
             return
         state = ckpt.load_train_state(last)
+        if self.cfg.train.steps < int(state["step"]):
+            raise ConfigError(f"train.steps: expected >= {int(state['step'])}, the step --resume "
+                              f"{str(self.out_dir)!r} continues from (its newest checkpoint), got {self.cfg.train.steps}")
         if state["world_size"] != self.info.world_size:
             raise ckpt.CheckpointError(f"--resume {str(self.out_dir)!r}: expected the run's world size "
                                        f"({state['world_size']} processes; the data is sharded by rank), "
@@ -556,7 +632,9 @@ class Trainer:
                              seconds, sps,
                              self.opt.skipped_total, self.resumed_from, self.info.world_size, last_eval)
         if self.info.is_main:
-            (self.out_dir / "train_result.json").write_text(json.dumps(result.to_json(), indent=2))
+            from policy.fsutil import write_text_atomic
+
+            write_text_atomic(self.out_dir / "train_result.json", json.dumps(result.to_json(), indent=2))
         return result
 
 

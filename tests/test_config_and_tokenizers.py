@@ -45,6 +45,52 @@ def test_bad_values_name_the_field(override, field):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("overrides, error", [
+    (["train.grad_clip=0"], r"train\.grad_clip: expected a gradient-norm bound > 0, got 0\.0"),
+    (["train.grad_clip=-1"], r"train\.grad_clip: expected a gradient-norm bound > 0, got -1\.0"),
+    (["data.action_bounds=spec", "data.action_low=[0,1,0]", "data.action_high=[1,1,1]"],
+     r"data\.action_low\[1\] / data\.action_high\[1\]: expected finite bounds with low < high, got \(1\.0, 1\.0\)"),
+    (["data.action_bounds=spec", "data.action_low=[0,2]", "data.action_high=[1,1]"], r"data\.action_low\[1\]"),
+    (["data.action_low=[0,0]", "data.action_high=[1,1]"],
+     r"data\.action_low/action_high: expected empty unless data\.action_bounds is 'spec'"),
+    (["train.log_every=0"], r"train\.log_every: expected >= 1 steps, got 0"),
+    (["data.shuffle_buffer=0"], r"data\.shuffle_buffer: expected >= 1 episodes, got 0"),
+    (["train.num_threads=-2"], r"train\.num_threads: expected >= 0"),
+    (["train.weight_decay=-0.1"], r"train\.weight_decay: expected >= 0, got -0\.1"),
+    (["data.mixture=[{path: a}, {path: b, weight: .inf}]"], r"data\.mixture\[1\]\.weight: expected a finite number > 0, got inf"),
+    (["data.mixture=[{path: a, weight: .nan}]"], r"data\.mixture\[0\]\.weight: expected a finite number > 0, got nan"),
+    (["data.mixture=[{path: a, weight: 0}]"], r"data\.mixture\[0\]\.weight"),
+    (["data.mixture=[{path: a, standardization: brige}]"], r"data\.mixture\[0\]\.standardization: expected 'auto'"),
+    (["data.crop_pad=-1"], r"data\.crop_pad: expected >= 0 pixels, got -1"),
+    (["data.crop_pad=4", "data.random_shift=4"], r"data\.crop_pad: expected 0 when data\.random_shift is on"),
+    # model names that used to fail only after the dataset scan
+    (["model.image.variant=b9"], r"model\.image\.variant: expected one of \[.*'b7'.*\], got 'b9'"),
+    (["model.language.heads=3"], r"model\.language\.heads: expected a divisor of model\.language\.width \(64\), got 3"),
+    (["train.init_modules=[backbone,controler]"], r"train\.init_modules: expected names from \[.*\], got \['controler'\]"),
+    (["data.standardization=bridg"], r"data\.standardization: expected 'auto', one of \[.*'bridge'.*\] or a YAML file"),
+])
+def test_values_that_fail_later_or_train_wrongly_are_refused_at_load(overrides, error):
+    with pytest.raises(ConfigError, match=error):
+        load_config(ROOT / "configs" / "quickstart.yaml", overrides)
+
+
+def test_valid_edge_values_still_load():
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml",
+                      ["train.weight_decay=0", "data.shuffle_buffer=1", "data.random_shift=4", "data.crop_pad=0",
+                       "data.action_bounds=spec", "data.action_low=[-1,0]", "data.action_high=[1,0.5]",
+                       "data.mixture=[{path: a, weight: 2}, {path: b.yaml, standardization: my.yaml}]",
+                       "data.standardization=bridge", "train.init_modules=[controller,head,text]"])
+    assert cfg.data.random_shift == 4 and cfg.data.mixture[0].weight == 2.0
+
+
+def test_policy_model_top_level_names_are_the_init_modules_names():
+    from policy.model import MODULE_NAMES, PolicyModel
+
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["model.instruction_token=true"])
+    model = PolicyModel(cfg.model, vocab_size=64, num_action_dims=5, proprio_dim=4)
+    assert {k.split(".")[0] for k in model.state_dict()} == set(MODULE_NAMES)
+
+
 def test_rt1_reference_vectors():
     tok = ActionTokenizer([-1.0] * 3, [1.0] * 3, bins=10)
     assert tok.tokenize(torch.tensor([0.1, 0.5, -0.8])).tolist() == [4, 6, 0]

@@ -185,3 +185,22 @@ def test_shards_are_read_round_robin_so_tasks_mix_from_the_first_episodes(tmp_pa
     # Unshuffled reads (inspection, statistics) keep the dataset's own order.
     order = [ep["instruction"][0].decode() for ep in ds.episode_tensors(decode_images=False).as_numpy_iterator()]
     assert order == [t for t in tasks for _ in range(3)]
+
+
+def test_instruction_missing_from_a_stale_scan_cache_is_named(dataset):
+    import json
+
+    from datasets.rlds_loader import DatasetError
+
+    path, _ = dataset
+    RLDSDataset(path).scan()
+    (cache,) = path.glob("scan-train-*.json")
+    scan = json.loads(cache.read_text())
+    scan["instructions"] = ["touch the red block"]  # e.g. shards rewritten under the same names and counts
+    cache.write_text(json.dumps(scan))
+    inputs = open_training_inputs(cfg_for(), path)
+    assert inputs.instructions == ["touch the red block"]
+    with pytest.raises(DatasetError, match=rf"dataset '{path}': instruction 'touch the blue block' is not in the "
+                                           rf"instruction list of the scan cache '{cache}' \(stale: delete that file"):
+        for _ in range(10):  # both instructions appear within the first batches
+            next(inputs.batches)

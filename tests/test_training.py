@@ -4,6 +4,7 @@ Exact resume after SIGKILL, 2-process gloo torchrun, gradient accumulation, the 
 fine-tuning's explicit tokenizer / action bounds, bad inputs before the first step, bench train."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,19 @@ def tiny_data(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("train-data")
     return str(collect("tabletop", ["reach", "lift"], 2, root / "data", workers=1, progress=False).path)
+
+
+@pytest.fixture(scope="session")
+def reach_data(tmp_path_factory) -> str:
+    """A second tiny dataset whose episodes are shorter than tiny_data's longest (reach only)."""
+    from datasets.collect import collect
+
+    root = tmp_path_factory.mktemp("train-data-reach")
+    return str(collect("tabletop", ["reach"], 2, root / "data", workers=1, progress=False).path)
+
+
+def mixture(*paths: str) -> str:
+    return "data.mixture=[" + ", ".join(f"{{path: '{p}'}}" for p in paths) + "]"
 
 
 def cfg_of(*overrides: str):
@@ -260,3 +274,99 @@ def test_instructions_longer_than_max_tokens_are_refused_not_cut(tiny_data, tmp_
     with pytest.raises(ConfigError, match=r"model.language.max_tokens: expected >= \d+ \(the longest instruction, "
                                           r"'.+', is \d+ tokens plus the end token\), got 3"):
         train(cfg_of("train.steps=1", "model.language.max_tokens=3"), tiny_data, tmp_path / "run", progress=False)
+
+
+def test_cli_trains_on_a_data_mixture_without_data(tiny_data, reach_data, tmp_path, capsys):
+    import run_policy
+
+    run, out = tmp_path / "mix", tmp_path / "mix.json"
+    rc = run_policy.main(["train", "--config", str(CONFIG), "--out", str(run), "--steps", "2", *TINY,
+                          mixture(tiny_data, reach_data), "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert json.loads(out.read_text())["steps"] == 2
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["data"] is None and [m["path"] for m in meta["config"]["data"]["mixture"]] == [tiny_data, reach_data]
+    assert (run / "policy" / "model.safetensors").is_file()
+    # --data and a mixture together, or neither: refused before anything runs
+    rc = run_policy.main(["train", "--config", str(CONFIG), "--out", str(tmp_path / "both"), "--data", tiny_data,
+                          *TINY, mixture(tiny_data, reach_data)])
+    assert rc == 2 and "expected none with data.mixture" in capsys.readouterr().err
+    rc = run_policy.main(["train", "--config", str(CONFIG), "--out", str(tmp_path / "none"), *TINY])
+    assert rc == 2 and "expected --data DATA_DIR (or data.mixture in the config), got neither" in capsys.readouterr().err
+    assert not (tmp_path / "both").exists() and not (tmp_path / "none").exists()
+
+
+def test_every_dataset_of_a_mixture_must_fit_the_config(tiny_data, reach_data, tmp_path):
+    from datasets.rlds_loader import RLDSDataset
+    from policy.config import ConfigError
+    from policy.train import train
+
+    short, long = (RLDSDataset(p).scan()["max_episode_length"] for p in (reach_data, tiny_data))
+    assert short < long  # the first dataset's episodes fit, the second's do not
+    episodes = ["data.sequence=episode", "model.controller.memory_horizon=0", f"data.sequence_length={short}"]
+    with pytest.raises(ConfigError, match=rf"data.sequence_length: expected >= the longest episode \({long} steps, "
+                                          rf"in '{tiny_data}'\)"):
+        train(cfg_of("train.steps=1", *episodes, mixture(reach_data, tiny_data)), None, tmp_path / "run",
+              progress=False)
+    assert not (tmp_path / "run" / "tb").exists()
+
+
+def test_fresh_run_into_a_directory_holding_a_run_is_refused(tiny_data, tmp_path):
+    from policy.train import train
+
+    run = tmp_path / "run"
+    train(cfg_of("train.steps=1"), tiny_data, run, progress=False)
+    before = {p: p.read_bytes() for p in (run / "run.json", run / "policy" / "model.safetensors")}
+    with pytest.raises(FileExistsError, match=rf"--out '{run}': expected a new or empty run directory, it holds a "
+                                              rf"training run \(run.json, checkpoints\); continue it with --resume"):
+        train(cfg_of("train.steps=2", "train.seed=1"), tiny_data, run, progress=False)
+    assert {p: p.read_bytes() for p in before} == before  # the old run is untouched
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
+    (run / "run.json").unlink()  # checkpoints alone are a run too
+    with pytest.raises(FileExistsError, match=r"it holds a training run \(checkpoints\)"):
+        train(cfg_of("train.steps=1"), tiny_data, run, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train(cfg_of("train.steps=1"), tiny_data, empty, progress=False).steps == 1  # an empty directory is fine
+
+
+def test_resume_refuses_what_it_cannot_honour_and_records_the_new_step_count(tiny_data, reach_data, tmp_path,
+                                                                            capsys):
+    import run_policy
+
+    run = tmp_path / "run"
+    assert run_policy.main(["train", "--config", str(CONFIG), "--data", tiny_data, "--out", str(run),
+                            "--steps", "2", *TINY]) == 0, capsys.readouterr().err[-2000:]
+    meta = (run / "run.json").read_text()
+    why_data = r"\(it changes the data stream, and resume skips the micro-batches the run consumed"
+    why_opt = r"\(the optimizer and scheduler state restored from the checkpoint keep the run's value\)"
+    for args, error in [
+        (["train.lr=3e-4"], rf"train\.lr cannot change on resume {why_opt}: the run has 0\.001, got 0\.0003"),
+        (["train.weight_decay=0.1"], rf"train\.weight_decay cannot change on resume {why_opt}"),
+        (["train.batch_size=8"], rf"train\.batch_size cannot change on resume {why_data}"),
+        (["train.grad_accum=2"], rf"train\.grad_accum cannot change on resume {why_data}"),
+        (["train.seed=1"], rf"train\.seed cannot change on resume {why_data}"),
+        (["data.shuffle_buffer=8"], rf"data\.shuffle_buffer cannot change on resume {why_data}"),
+        (["--data", reach_data], rf"--data '{reach_data}': expected none or the run's dataset \('{tiny_data}'\)"),
+        (["model.controller.layers=2"], r"model\.controller\.layers cannot change on resume \(the checkpoint's weights"),
+        (["--config", str(CONFIG)], r"--config '.*': expected none with --resume"),
+        (["--steps", "1"], rf"train\.steps: expected >= 2, the step --resume '{run}' continues from"),
+    ]:
+        assert run_policy.main(["train", "--resume", str(run), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert re.search(error, err), (args, err[-1500:])
+    assert (run / "run.json").read_text() == meta  # a refused resume leaves the run as it was
+
+    # --steps 4 (and a checkpoint at step 3) on resume, killed after that checkpoint: a plain --resume
+    # then continues to step 4, not to the 2 steps the run started with.
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RUN.format(root=str(ROOT)))
+    proc = subprocess.run([sys.executable, str(script), "train", "--resume", str(run), "--steps", "4",
+                           "train.save_every=3"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    config = json.loads((run / "run.json").read_text())["config"]
+    assert config["train"]["steps"] == 4 and config["train"]["save_every"] == 3
+    assert run_policy.main(["train", "--resume", str(run), "--json", str(tmp_path / "r.json")]) == 0
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["steps"] == 4 and out["resumed_from_step"] == 3
+    assert (run / "checkpoints" / "step-00000004").is_dir()
