@@ -119,16 +119,16 @@ def test_action_tokenizer_rejects_bad_input():
 def test_sentencepiece_trained_from_instructions(tmp_path):
     instructions = ["pick up the red block", "touch the blue cube", "push the green block forward"]
     path = train_sentencepiece(instructions, tmp_path / "tok.model", vocab_size=48)
-    tok = TextTokenizer(path, max_tokens=12)
+    tok = TextTokenizer(path, max_tokens=16)
     ids, mask = tok.encode(instructions + ["PICK UP the red block"])
-    assert ids.shape == (4, 12) and mask[:, 0].all()
+    assert ids.shape == (4, 16) and mask[:, 0].all()
     assert np.array_equal(ids[0], ids[3])  # case-insensitive
     assert not np.array_equal(ids[0], ids[1])
     with pytest.raises(ValueError, match="at least one"):
         train_sentencepiece(["", "  "], tmp_path / "x.model", 16)
     # Too long for max_tokens: cut (training read the same ids) with one warning per instruction.
     long = "pick up the red block then push the green block forward and touch the blue cube"
-    with pytest.warns(UserWarning, match=r"tokens, the policy reads the first 11 \(model.language.max_tokens=12"):
+    with pytest.warns(UserWarning, match=r"tokens, the policy reads the first 15 \(model.language.max_tokens=16"):
         a, _ = tok.encode([long])
     import warnings
 
