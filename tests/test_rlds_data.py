@@ -110,8 +110,9 @@ def test_interrupted_write_leaves_no_dataset(tmp_path):
 def test_writer_refuses_a_non_empty_destination(tmp_path):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "keep.txt").write_text("user data")
-    with pytest.raises(FileExistsError, match="already holds files"):
-        AtomicRLDSWriter(tmp_path / "ds", OBS_SPEC, ACT_SPEC, {})
+    for overwrite in (False, True):  # --overwrite replaces a dataset, never other files
+        with pytest.raises(FileExistsError, match="it holds other files"):
+            AtomicRLDSWriter(tmp_path / "ds", OBS_SPEC, ACT_SPEC, {}, overwrite=overwrite)
     assert (tmp_path / "ds" / "keep.txt").read_text() == "user data"
 
 
