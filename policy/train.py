@@ -195,11 +195,14 @@ def init_from_policy(model: torch.nn.Module, policy_dir: str | Path, modules: li
         source = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise ConfigError(f"train.init_from: {str(weights)!r} is not a readable safetensors file: {exc}") from None
+    from policy.model import MODULE_NAMES
+
     own = model.state_dict()
-    top = {name.split(".")[0] for name in own}
-    unknown = [m for m in modules if m not in top]
+    unknown = [m for m in modules if m not in MODULE_NAMES]
     if unknown:
-        raise ConfigError(f"train.init_modules: expected names from {sorted(top)}, got {unknown}")
+        raise ConfigError(f"train.init_modules: expected names from {list(MODULE_NAMES)}, got {unknown}")
+    # A known module this config leaves out (image_pos with position_embedding false, as in the rt1
+    # configs; proprio without use_proprio) has nothing to copy: the default list must work for them too.
     copied = 0
     for name in own:
         if name.split(".")[0] not in modules:

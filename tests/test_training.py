@@ -370,3 +370,14 @@ def test_resume_refuses_what_it_cannot_honour_and_records_the_new_step_count(tin
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["steps"] == 4 and out["resumed_from_step"] == 3
     assert (run / "checkpoints" / "step-00000004").is_dir()
+
+
+def test_fine_tune_with_the_default_modules_works_without_image_positions(tiny_data, tmp_path):
+    # The rt1 configs have no image position embedding; the default train.init_modules lists image_pos.
+    from policy.train import train
+
+    src = train(cfg_of("train.steps=1", "model.image.position_embedding=false"), tiny_data, tmp_path / "src",
+                progress=False)
+    ft = train(cfg_of("train.steps=1", "model.image.position_embedding=false", f"train.init_from={src.policy_dir}"),
+               tiny_data, tmp_path / "ft", progress=False)
+    assert ft.steps == 1
