@@ -21,7 +21,6 @@ import os
 import pickle
 import tempfile
 import warnings
-import weakref
 from functools import lru_cache
 from importlib.metadata import version
 from pathlib import Path
@@ -32,6 +31,7 @@ import mujoco
 import numpy as np
 from dm_env import specs
 from envs.action_space import ACTION_MAX, ACTION_MIN, validate_action
+from envs.render_lifetime import own_renderer
 from metaworld.policies import ENV_POLICY_MAP, SawyerDoorOpenV3Policy, SawyerPegInsertionSideV3Policy
 
 BENCHMARKS = ("MT10", "MT50")
@@ -244,9 +244,7 @@ class MetaWorldEnv(dm_env.Environment):
         # Decided once from the initial pose, so a camera never flips orientation mid-episode.
         self._rotate = {c: bool(self.data.cam_xmat[i].reshape(3, 3)[2, 1] < 0) for c, i in self._cam_id.items()}
         self._renderer = _make_renderer(self.model, image_size, render_quality) if render else None
-        # An env dropped without close() frees its GL context at exit, before interpreter teardown
-        # (freeing mujoco's EGL renderer after that raises a traceback).
-        self._release_renderer = weakref.finalize(self, _close_renderer, self._renderer)
+        self._release_renderer = own_renderer(self, self._renderer)  # freed when dropped, or at exit
         self._blank = np.zeros((image_size, image_size, 3), np.uint8)
 
         self._episode_seed = 0
@@ -510,10 +508,6 @@ def expert_policy(task: str):
     cls = PATCHED_POLICIES.get(task) or ENV_POLICY_MAP[mw_name(task)]
     return cls()
 
-
-def _close_renderer(renderer: mujoco.Renderer | None) -> None:
-    if renderer is not None:
-        renderer.close()
 
 
 def _make_renderer(model: mujoco.MjModel, size: int, quality: str = "fast") -> mujoco.Renderer:

@@ -9,7 +9,6 @@ position servos track them over SUBSTEPS physics steps.
 from __future__ import annotations
 
 import time
-import weakref
 from typing import Any
 
 import dm_env
@@ -19,6 +18,7 @@ from dm_env import specs
 
 from envs.action_space import ACTION_MAX, ACTION_MIN, ACTION_SPEC_TEXT, validate_action
 from envs.ik import DampedLeastSquaresIK
+from envs.render_lifetime import own_renderer
 from envs.scene import (
     ARM_JOINTS,
     BLOCK_HALF,
@@ -125,9 +125,7 @@ class TabletopEnv(dm_env.Environment):
         self._obj_geom = {s: m.geom(s).id for s in OBJECTS}
 
         self._renderer = _make_renderer(m, image_size) if render else None
-        # An env dropped without close() frees its GL context at exit, before interpreter teardown
-        # (freeing mujoco's EGL renderer after that raises a traceback).
-        self._release_renderer = weakref.finalize(self, _close_renderer, self._renderer)
+        self._release_renderer = own_renderer(self, self._renderer)  # freed when dropped, or at exit
         self._blank = np.zeros((image_size, image_size, 3), np.uint8)
 
         self._episode_seed = 0
@@ -431,10 +429,6 @@ def _place(
             return xy
     return None
 
-
-def _close_renderer(renderer: mujoco.Renderer | None) -> None:
-    if renderer is not None:
-        renderer.close()
 
 
 def _make_renderer(model: mujoco.MjModel, size: int) -> mujoco.Renderer:

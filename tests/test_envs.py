@@ -248,10 +248,11 @@ def test_gymnasium_wrapper_exposes_the_wrist_camera():
 
 
 def test_envs_dropped_without_close_exit_cleanly():
-    # mujoco's EGL renderer raises a traceback if it is freed during interpreter teardown; each env
-    # frees its renderer when collected or at exit instead.
+    # mujoco's EGL renderer raises a traceback if it is freed after mujoco's atexit hook terminated the
+    # display; each env frees its renderer when collected, or at exit before that hook. torch is imported
+    # first because it registers weakref.finalize's own exit hook early (a finalize alone ran too late).
     script = (
-        "import gc, envs\n"
+        "import gc, torch, envs\n"
         "e = envs.make('tabletop', 'lift', image_size=32); e.reset(seed=0)\n"
         "d = envs.make('tabletop', 'reach', image_size=32); d.reset(seed=0); del d; gc.collect()\n"
         "c = envs.make('tabletop', 'push', image_size=32); c.close(); c.close()\n"
