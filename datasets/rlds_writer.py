@@ -10,7 +10,6 @@ renamed into place only after the writer has closed and the dataset reads back.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import numpy as np
 from dm_env import specs
 
 from datasets.tf_setup import tf, tfds  # noqa: F401  (hides GPUs from TensorFlow)
+from policy.fsutil import restore_set_aside, set_aside, swap_in
 
 DATASET_NAME = "policy_stack_rlds"
 DATASET_VERSION = "1.0.0"
@@ -102,11 +102,9 @@ class AtomicRLDSWriter:
         # An .old-* copy is a dataset being overwritten: put back if a kill between commit's two renames
         # left none at --out, else it is left over and removed.
         parent = self.out_dir.parent
-        for old in sorted(parent.glob(f".{self.out_dir.name}.old-*")) if parent.exists() else []:
-            if not self.out_dir.exists():
-                os.replace(old, self.out_dir)
-            else:
-                shutil.rmtree(old, ignore_errors=True)
+        restore_set_aside(self.out_dir)
+        for old in set_aside(self.out_dir):
+            shutil.rmtree(old, ignore_errors=True)
         if self.out_dir.exists() and any(self.out_dir.iterdir()):
             is_dataset = (self.out_dir / "dataset_info.json").is_file()
             if is_dataset and not overwrite:
@@ -157,16 +155,10 @@ class AtomicRLDSWriter:
         info = {**self.sidecar, "num_episodes": self.num_episodes, "num_transitions": self.num_steps}
         (built / SIDECAR).write_text(json.dumps(info, indent=2, sort_keys=True))
         tfds.builder_from_directory(str(built))  # must read back before it is published
-        old = None
-        if self.out_dir.exists():
-            if self.overwrite:  # the old dataset stays in place until the new one is complete
-                old = self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(self.out_dir, old)
-            else:
-                self.out_dir.rmdir()  # only an empty directory reaches here (checked in __init__)
-        os.replace(built, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.out_dir.exists() and not self.overwrite:
+            self.out_dir.rmdir()  # only an empty directory reaches here (checked in __init__)
+        # With --overwrite the old dataset stays in place until the new one is complete.
+        swap_in(built, self.out_dir, self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")
         return self.out_dir
 
     def abort(self) -> None:

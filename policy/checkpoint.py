@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from policy.fsutil import fsync_dir, write_text_atomic
+from policy.fsutil import fsync_dir, swap_in, write_text_atomic
 
 STATE_FILE = "train_state.pt"
 RUN_FILE = "run.json"
@@ -70,7 +70,6 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any],
     final = root / f"step-{step:08d}"
     staging = root / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    old = None
     try:
         write_policy(staging / "policy")  # save_policy_dir fsyncs its own files
         with open(staging / STATE_FILE, "wb") as f:
@@ -78,21 +77,11 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any],
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(staging)
-        if final.exists():  # the same step saved again (e.g. a resumed run re-reaching it): set it aside
-            old = root / f".old-step-{step:08d}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(staging, final)
-        fsync_dir(root)
+        # The same step saved again (e.g. a resumed run re-reaching it) is set aside until the new one is in.
+        swap_in(staging, final, root / f".old-step-{step:08d}-{uuid.uuid4().hex[:8]}")
     except BaseException:
-        if old is not None and not final.exists():
-            try:
-                os.replace(old, final)  # interrupted between the renames: keep the previous step-N
-            except OSError:
-                pass  # remove_stale_staging restores it
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     for _, gone in list_checkpoints(run_dir)[:-keep]:
         _remove(gone)
     return final

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -56,3 +57,60 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def swap_in(staging: str | Path, out: str | Path, aside: str | Path) -> None:
+    """Rename the filled, fsynced directory `staging` to `out`. A previous `out` is renamed to `aside`
+    first and removed once the new one is in. Interrupted between the two renames, the previous `out`
+    is put back; if even that fails it stays whole at `aside`, for the caller's next run to restore."""
+    staging, out, aside = Path(staging), Path(out), Path(aside)
+    moved = False
+    try:
+        if out.exists():
+            os.replace(out, aside)
+            moved = True
+        os.replace(staging, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        if moved and not out.exists():
+            try:
+                os.replace(aside, out)
+            except OSError:
+                pass
+        raise
+    if moved:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def set_aside(out: str | Path) -> list[Path]:
+    """The `.NAME.old-*` siblings of `out` (previous copies moved aside by swap_in), oldest first."""
+    out = Path(out)
+    prefix = f".{out.name}.old-"
+    try:
+        found = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+    return sorted(found, key=mtime)
+
+
+def restore_set_aside(out: str | Path) -> bool:
+    """A swap killed between its two renames leaves `out` missing and the previous copy whole at
+    `.NAME.old-*`: rename the newest back. True if `out` was restored."""
+    out = Path(out)
+    if out.exists():
+        return False
+    olds = set_aside(out)
+    if not olds:
+        return False
+    try:
+        os.rename(olds[-1], out)
+    except OSError:
+        return False
+    fsync_dir(out.parent)
+    return True

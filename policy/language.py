@@ -48,6 +48,7 @@ class TextTokenizer:
             raise FileNotFoundError(f"tokenizer model: expected a sentencepiece .model file at {str(path)!r}, found nothing")
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self.max_tokens = max_tokens
+        self._truncated: set[str] = set()  # instructions already warned about
 
     @property
     def vocab_size(self) -> int:
@@ -81,9 +82,8 @@ class TextTokenizer:
     def _warn_truncated(self, text: str, n: int) -> None:
         # Training refuses instructions that do not fit (check_fits); at run time a longer, new one is cut
         # and the policy reads only its start, so say so (once per instruction).
-        seen = self.__dict__.setdefault("_truncated", set())
-        if text not in seen:
-            seen.add(text)
+        if text not in self._truncated:
+            self._truncated.add(text)
             warnings.warn(f"instruction {text[:60]!r}...: {n} tokens, the policy reads the first "
                           f"{self.max_tokens - 1} (model.language.max_tokens={self.max_tokens} with the end token); "
                           "the rest is ignored", stacklevel=3)

@@ -13,7 +13,6 @@ missing and `.NAME.old-*` whole, which the next save or load puts back.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import uuid
@@ -30,7 +29,7 @@ from safetensors.torch import load_model, save_model
 
 from policy.action_tokenizer import ActionTokenizer, DictActionTokenizer, action_tokenizer_from_dict
 from policy.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
-from policy.fsutil import fsync_dir, fsync_tree
+from policy.fsutil import fsync_tree, restore_set_aside, set_aside, swap_in
 from policy.language import TextTokenizer
 
 FORMAT_VERSION = 1
@@ -99,41 +98,9 @@ class InputSpec:
 
 
 # -- interrupted saves -----------------------------------------------------------------------------
-def _leftovers(out: Path, kind: str) -> list[Path]:
-    """`.NAME.tmp-*` (kind 'tmp') or `.NAME.old-*` (kind 'old') siblings of `out`, oldest first."""
-    prefix = f".{out.name}.{kind}-"
-    try:
-        found = [p for p in out.parent.iterdir() if p.name.startswith(prefix)]
-    except OSError:
-        return []
-
-    def mtime(p: Path) -> float:
-        try:
-            return p.stat().st_mtime
-        except OSError:
-            return 0.0
-    return sorted(found, key=mtime)
-
-
-def _restore_previous(out: Path) -> bool:
-    """A save killed between its two renames leaves `out` missing and the previous policy whole at
-    `.NAME.old-*`: rename the newest back. True if `out` was restored."""
-    if out.exists():
-        return False
-    olds = _leftovers(out, "old")
-    if not olds:
-        return False
-    try:
-        os.rename(olds[-1], out)
-    except OSError:
-        return False
-    fsync_dir(out.parent)
-    return True
-
-
 def _remove_leftovers(out: Path) -> None:
-    _restore_previous(out)
-    for p in _leftovers(out, "tmp") + _leftovers(out, "old"):
+    restore_set_aside(out)
+    for p in list(out.parent.glob(f".{out.name}.tmp-*")) + set_aside(out):
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -148,7 +115,6 @@ def save_policy_dir(out: str | Path, cfg: ExperimentConfig, model: torch.nn.Modu
     _remove_leftovers(out)  # from a save that was killed: training rewrites RUN_DIR/policy every checkpoint
     staging = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    old = None
     try:
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_to_dict(cfg))))
         save_model(model, str(staging / "model.safetensors"))
@@ -159,21 +125,10 @@ def save_policy_dir(out: str | Path, cfg: ExperimentConfig, model: torch.nn.Modu
                 "input": spec.to_dict(), **(extra or {})}
         (staging / "policy.json").write_text(json.dumps(meta, indent=2))
         fsync_tree(staging)  # the data must be on disk before the rename makes it `out`
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(staging, out)
-        fsync_dir(out.parent)
+        swap_in(staging, out, out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}")
     except BaseException:
-        if old is not None and not out.exists():
-            try:
-                os.replace(old, out)  # interrupted between the renames: put the previous policy back
-            except OSError:
-                pass  # left at .NAME.old-*; the next save or load restores it
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -240,10 +195,10 @@ def load_policy_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     from policy.model import PolicyModel
 
     path = Path(path)
-    if not path.is_dir() and _leftovers(path, "old"):
+    if not path.is_dir() and set_aside(path):
         time.sleep(0.2)  # a save in progress renames the new directory in right after moving the old aside
-        if not path.is_dir() and not _restore_previous(path) and not path.is_dir():
-            old = _leftovers(path, "old")[-1]
+        if not path.is_dir() and not restore_set_aside(path) and not path.is_dir():
+            old = set_aside(path)[-1]
             raise PolicyDirError(f"--policy {str(path)!r}: expected a policy directory, found none; an "
                                  f"interrupted save left the previous one at {str(old)!r}: rename it to {path.name!r}")
     if not path.is_dir():

@@ -159,17 +159,23 @@ def test_holds_when_the_policy_is_late(env, runner):
     assert res.steps == 25 and [r.step for r in res.records] == list(range(25))  # one action per tick, none skipped
 
 
+class HungPolicy:
+    """A policy whose step blocks until `release` is set (at most 10 s)."""
+
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def reset(self, instruction):
+        pass
+
+    def step(self, obs):
+        self.release.wait(10)
+
+
 def test_watchdog_stops_a_hung_policy_holding(env, runner):
     release = threading.Event()
 
-    class Hung:
-        def reset(self, instruction):
-            pass
-
-        def step(self, obs):
-            release.wait(10)
-
-    loop = RobotLoop(env, Hung(), rate_hz=50, max_consecutive_late=5, drain_timeout_s=0.05)
+    loop = RobotLoop(env, HungPolicy(release), rate_hz=50, max_consecutive_late=5, drain_timeout_s=0.05)
     try:
         # The hung call is still running when the loop stops: run() says so rather than return as if idle.
         with pytest.raises(PolicyOverrunError, match="still running") as exc:
@@ -227,14 +233,7 @@ def test_a_step_past_the_drain_timeout_raises_and_blocks_the_next_reset(env, ttm
 def test_a_new_policy_is_not_blocked_by_the_old_ones_stuck_step(env, runner):
     release = threading.Event()
 
-    class Hung:
-        def reset(self, instruction):
-            pass
-
-        def step(self, obs):
-            release.wait(10)
-
-    loop = RobotLoop(env, Hung(), rate_hz=50, max_consecutive_late=2, drain_timeout_s=0.05)
+    loop = RobotLoop(env, HungPolicy(release), rate_hz=50, max_consecutive_late=2, drain_timeout_s=0.05)
     try:
         with pytest.raises(PolicyOverrunError):
             loop.run()
