@@ -79,13 +79,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
     else:
         if not a.out:
             raise ValueError("train: expected --out RUN_DIR (or --resume RUN_DIR)")
-        # first: a data.mixture in the config replaces --data
+        # a data.mixture in the config replaces --data (train checks that exactly one is given)
         cfg = load_config(a.config if a.config is not None else DEFAULT_CONFIG, overrides)
-        if cfg.data.mixture and a.data:
-            raise ValueError(f"--data {a.data!r}: expected none with data.mixture (list every dataset in the "
-                             "mixture), got both")
-        if not cfg.data.mixture and not a.data:
-            raise ValueError("train: expected --data DATA_DIR (or data.mixture in the config), got neither")
         res = train(cfg, a.data, a.out)
     if os.environ.get("RANK", "0") == "0":
         print(f"trained {res.steps} steps in {res.seconds:.0f}s: loss {res.final_loss:.3f}, token accuracy "
@@ -110,7 +105,8 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
 
 def cmd_demo(a: argparse.Namespace) -> dict:
-    from datasets.collect import collect
+    from datasets.collect import collect, reuse_dataset
+    from policy.checkpoint import RUN_FILE
     from policy.config import load_config
     from policy.train import train
     from rollout.evaluate import evaluate
@@ -119,16 +115,23 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     if out.exists() and not a.keep:
         import shutil
         shutil.rmtree(out)
+    cfg = load_config(a.config, [f"train.steps={a.steps}"] if a.steps else [])
     timings = {}
     t = time.perf_counter()
-    print(f"[1/3] collecting {a.episodes_per_task} scripted demonstrations per task for {DEMO_TASKS}")
-    col = collect("tabletop", DEMO_TASKS, a.episodes_per_task, out / "data", seed=0, workers=a.workers,
-                  noise=a.noise)
+    # --keep: continue an earlier (possibly killed) demo: its dataset is reused, its training resumed
+    col = reuse_dataset(out / "data", "tabletop", DEMO_TASKS, a.episodes_per_task, 0, a.noise) if a.keep else None
+    if col is not None:
+        print(f"[1/3] reusing the {col.episodes_written} demonstrations in {col.path}")
+    else:
+        print(f"[1/3] collecting {a.episodes_per_task} scripted demonstrations per task for {DEMO_TASKS}")
+        col = collect("tabletop", DEMO_TASKS, a.episodes_per_task, out / "data", seed=0, workers=a.workers,
+                      noise=a.noise)
     timings["collect_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    cfg = load_config(a.config, [f"train.steps={a.steps}"] if a.steps else [])
-    print(f"[2/3] training the quickstart TTM policy for {cfg.train.steps} steps on {col.transitions} transitions")
-    tr = train(cfg, col.path, out / "run")
+    resume = a.keep and (out / "run" / RUN_FILE).is_file()
+    print(f"[2/3] {'resuming' if resume else 'training'} the quickstart TTM policy for {cfg.train.steps} steps "
+          f"on {col.transitions} transitions")
+    tr = train(cfg, col.path, out / "run", resume=resume)
     timings["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     print(f"[3/3] evaluating {a.eval_episodes} episodes per task (unseen seeds)")
@@ -354,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-episodes", type=int, default=20)
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     d.add_argument("--workers", type=int, default=2)
-    d.add_argument("--keep", action="store_true", help="do not clear --out first")
+    d.add_argument("--keep", action="store_true",
+                   help="continue the demo already in --out instead of clearing it: reuse its dataset (made "
+                        "with the same settings), resume its training run, evaluate again")
     d.set_defaults(fn=cmd_demo)
 
     b = sub.add_parser("bench", help="measure: 'step' (policy step latency), 'env' (per task: expert success, "

@@ -139,6 +139,32 @@ class CollectResult:
                 "seconds": round(self.seconds, 2), "per_task": self.per_task}
 
 
+def reuse_dataset(out: str | Path, env_name: str, tasks: list[str], episodes_per_task: int, seed: int,
+                  noise: float) -> CollectResult | None:
+    """The dataset an earlier `collect` wrote at `out` with exactly these settings (None if there is none).
+    Datasets are written atomically, so one that exists is complete; one made with other settings is
+    refused, naming the setting, rather than trained on by mistake."""
+    import json
+
+    from datasets.rlds_writer import SIDECAR
+
+    path = Path(out)
+    if not path.exists():
+        return None
+    try:
+        info = json.loads((path / SIDECAR).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{str(path)!r}: expected a dataset written by `collect` (with {SIDECAR}), could not "
+                         f"read one: {type(exc).__name__}: {exc}") from None
+    want = {"env": env_name, "tasks": list(tasks), "num_episodes": episodes_per_task * len(tasks), "seed": seed,
+            "noise": noise}
+    for key, value in want.items():
+        if info.get(key) != value:
+            raise ValueError(f"{str(path)!r}: the dataset there has {key} = {info.get(key)!r}, this run asks for "
+                             f"{value!r}; use another --out, or remove it to collect again")
+    return CollectResult(str(path), int(info["num_episodes"]), 0, int(info.get("num_transitions", 0)), 0.0, {})
+
+
 class _DeferredInterrupt:
     """Ctrl-C while an episode is being written is delivered right after it: an exception raised inside
     TF's record writer can be swallowed there, and the run would go on as if nothing happened."""

@@ -575,8 +575,9 @@ def make_sequences(data: RLDSDataset, spec: SequenceSpec, instruction_ids: dict[
 def random_crop(ds: tf.data.Dataset, pad: int, seed: int, calls: int) -> tf.data.Dataset:
     """RT-1's augmentation: pad each sequence's frames by `pad` pixels (edge-reflected), then crop back to
     the original size at one random offset per sequence (a steady camera moves as a whole). Stateless
-    seeds make it reproducible."""
-    seeds = tf.data.Dataset.random(seed=seed).batch(2)
+    seeds make it reproducible; the seed stream is drawn afresh each epoch of a repeated dataset (a replayed
+    one would crop the n-th sequence of every epoch at the same offset)."""
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
 
     def crop(el, s):
         img = el["image"]

@@ -99,6 +99,15 @@ def pooled_scan(scans: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def check_data_source(cfg: Any, data_path: str | Path | None) -> None:
+    """Exactly one source of data: --data or data.mixture (checked before a run writes anything)."""
+    if cfg.data.mixture and data_path:
+        raise ValueError(f"--data {str(data_path)!r}: expected none with data.mixture (list every dataset in "
+                         "the mixture), got both")
+    if not cfg.data.mixture and not data_path:
+        raise ValueError("--data: expected an RLDS dataset directory (or data.mixture in the config), got neither")
+
+
 def open_training_inputs(cfg: Any, data_path: str | Path | None, *, rank: int = 0, world_size: int = 1,
                          seed: int = 0, repeat: bool = True, batch_size: int | None = None,
                          skip_batches: int = 0) -> TrainingInputs:
@@ -107,14 +116,10 @@ def open_training_inputs(cfg: Any, data_path: str | Path | None, *, rank: int = 
     d = cfg.data
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank/world_size: expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    check_data_source(cfg, data_path)
     if d.mixture:
-        if data_path:
-            raise ValueError(f"--data {str(data_path)!r} and data.mixture: expected one of them, got both "
-                             "(list every dataset in data.mixture)")
         sources = [(m.path, float(m.weight), m.standardization) for m in d.mixture]
     else:
-        if not data_path:
-            raise ValueError("--data: expected an RLDS dataset directory (or data.mixture in the config), got none")
         sources = [(str(data_path), 1.0, d.standardization)]
     datasets = [open_dataset(cfg, p, s) for p, _, s in sources]
     first = datasets[0]

@@ -135,7 +135,18 @@ def read_run_meta(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"--resume {str(run_dir)!r}: expected a run directory written by `train` "
                               f"(with {RUN_FILE}), found none")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"--resume {str(run_dir)!r}: {RUN_FILE}: expected the run's metadata as a JSON "
+                              f"object, could not read it (truncated or corrupt?): {type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        got = f"a JSON {type(meta).__name__}" if not isinstance(meta, dict) else \
+            f"config = {type(meta.get('config')).__name__}"
+        raise CheckpointError(f"--resume {str(run_dir)!r}: {RUN_FILE}: expected a JSON object with the run's "
+                              f"config (a mapping under \"config\"), got {got}")
+    return meta
 
 
 # -- random number generators --------------------------------------------------------------------

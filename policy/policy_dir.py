@@ -146,16 +146,28 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _read_json(path: Path, name: str, expected: str) -> dict:
+def _read_json(path: Path, name: str, expected: str, field: str = "--policy") -> dict:
     try:
         data = json.loads((path / name).read_text())
     except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError
-        raise PolicyDirError(f"--policy {str(path)!r}: {name}: expected {expected} as a JSON object, could not "
+        raise PolicyDirError(f"{field} {str(path)!r}: {name}: expected {expected} as a JSON object, could not "
                              f"read it (truncated or corrupt?): {type(exc).__name__}: {_one_line(exc)}") from None
     if not isinstance(data, dict):
-        raise PolicyDirError(f"--policy {str(path)!r}: {name}: expected {expected} as a JSON object, "
+        raise PolicyDirError(f"{field} {str(path)!r}: {name}: expected {expected} as a JSON object, "
                              f"got a JSON {type(data).__name__}")
     return data
+
+
+def read_spec_and_stats(path: str | Path, field: str = "--policy") -> tuple[InputSpec, dict]:
+    """A policy directory's input spec (policy.json) and action_stats.json, checked, without the weights:
+    what fine-tuning (train.init_from) needs to know before it builds its own model."""
+    path = Path(path)
+    meta = _read_json(path, "policy.json", "the format version and input spec", field)
+    try:
+        spec = InputSpec.from_dict(meta.get("input"))
+    except PolicyDirError as exc:
+        raise PolicyDirError(f"{field} {str(path)!r}: {exc}") from None
+    return spec, _read_json(path, "action_stats.json", "the action tokenizer and dataset statistics", field)
 
 
 def _read_config(path: Path) -> ExperimentConfig:

@@ -35,7 +35,7 @@ from policy.config import ConfigError, ExperimentConfig, config_to_dict
 from policy.distributed import (DistInfo, barrier, init_distributed, mean_over_ranks, shutdown, sync_buffers,
                                 wrap_model)
 from policy.language import TextTokenizer
-from policy.policy_dir import InputSpec, save_policy_dir
+from policy.policy_dir import InputSpec, read_spec_and_stats, save_policy_dir
 from policy.train_step import EMA, Optimization, StepStats, TrainingError
 
 __all__ = ["train", "Trainer", "TrainResult", "TrainingError", "check_writable", "lr_lambda", "sequence_loss",
@@ -324,8 +324,8 @@ def _source_policy(cfg: ExperimentConfig) -> tuple[Path, InputSpec, dict] | None
     if not meta_file.is_file() or not stats_file.is_file():
         raise ConfigError(f"train.init_from: expected a policy directory with model.safetensors, "
                           f"got {str(src)!r} (no policy.json / action_stats.json there)")
-    spec = InputSpec.from_dict(json.loads(meta_file.read_text())["input"])
-    return src, spec, json.loads(stats_file.read_text())
+    spec, stats = read_spec_and_stats(src, "train.init_from")
+    return src, spec, stats
 
 
 class _BCForward(torch.nn.Module):
@@ -360,8 +360,9 @@ class Trainer:
             data_path = data_path or meta["data"]
         else:  # every rank checks; rank 0 writes run.json only after the DDP set-up has synced them
             check_new_run_dir(self.out_dir)
-        if not data_path and not cfg.data.mixture:
-            raise ConfigError("--data: expected an RLDS dataset directory (or data.mixture in the config), got none")
+        from datasets.training_inputs import check_data_source
+
+        check_data_source(cfg, data_path)
         if self.info.is_main:
             check_writable(self.out_dir)
         self.data_path = str(data_path) if data_path else None
@@ -408,7 +409,11 @@ class Trainer:
         text.check_fits(self.inputs.instructions)
         self.instr_ids, self.instr_mask = (torch.from_numpy(a) for a in text.encode(self.inputs.instructions))
         if source and t.init_action_bounds:
-            self.action_tok = action_tokenizer_from_dict(source[2]["tokenizer"])
+            try:
+                self.action_tok = action_tokenizer_from_dict(source[2]["tokenizer"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ConfigError(f"train.init_from {str(source[0])!r}: action_stats.json 'tokenizer': expected "
+                                  f"the source policy's action tokenizer, got an invalid one: {exc!r}") from None
             if not isinstance(self.action_tok, ActionTokenizer):
                 raise ConfigError("train.init_action_bounds: expected a source policy with a vector action "
                                   f"tokenizer (this trainer reads flat action vectors), got {source[0]}'s dict tokenizer")

@@ -189,6 +189,10 @@ def _run_jobs(jobs: list[EpisodeJob], workers: int, threads: int):
         return
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
         yield from pool.imap_unordered(run_episode, jobs)
+        # All done: let the workers exit normally (their atexit hooks free the renderers) instead of
+        # the terminate() that leaving the `with` sends; an error still terminates them.
+        pool.close()
+        pool.join()
 
 
 # Per worker process: one runner per policy dir, one env per task (rendering contexts are expensive).

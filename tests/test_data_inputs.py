@@ -125,6 +125,27 @@ def test_crop_pad_shifts_whole_sequences(dataset):
     assert shifted >= 1
 
 
+def test_crop_pad_draws_new_offsets_each_epoch(tmp_path):
+    """Training repeats the stream: each epoch must crop each sequence at a fresh offset, not replay the
+    first epoch's offsets. One shard: the episode order is the same each epoch, so a replayed offset
+    stream would give every episode the same fixed shift for the whole run."""
+    path, _ = write_dataset(tmp_path / "one", LENGTHS, ["touch the red block"], episodes_per_shard=len(LENGTHS))
+    ds = RLDSDataset(path)
+    ids = {s: i for i, s in enumerate(ds.instructions)}
+    plain = {tuple(np.round(e["action"][0], 6)): e["image"] for e in
+             make_sequences(ds, SequenceSpec("episode", 10, 0), ids, True, 0, False).as_numpy_iterator()}
+    offsets: dict[tuple, list] = {}
+    for e in make_sequences(ds, SequenceSpec("episode", 10, 0, crop_pad=3), ids, True, 0, False
+                            ).repeat(2).as_numpy_iterator():
+        key = tuple(np.round(e["action"][0], 6))
+        ref = plain[key]
+        offsets.setdefault(key, []).append(next(
+            (dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+            if np.array_equal(e["image"][:, 3:-3, 3:-3], ref[:, 3 + dy:13 + dy, 3 + dx:13 + dx])))
+    assert len(offsets) == len(plain) >= 4 and all(len(v) == 2 for v in offsets.values())
+    assert sum(a != b for a, b in offsets.values()) >= len(offsets) - 1, offsets  # 1/49 to repeat by chance
+
+
 def test_mixture_weights_are_respected(tmp_path):
     a, _ = write_dataset(tmp_path / "a", [6] * 6, ["open the drawer"], seed=1)
     b, _ = write_dataset(tmp_path / "b", [6] * 6, ["close the drawer"], seed=2)

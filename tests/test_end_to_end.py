@@ -174,3 +174,28 @@ def test_fine_tune_from_a_policy_directory_with_frozen_image_tokenizer(tiny_run,
                         TINY + [f"train.init_from={res.policy_dir}", "model.image.token_dim=64"])
     with pytest.raises(ConfigError, match=r"train.init_from: tensor '.*': expected shape"):
         train(wrong, col.path, tmp_path / "wrong", progress=False)
+
+
+def test_demo_keep_continues_an_earlier_demo(tmp_path, capsys):
+    """`demo --keep` reuses the dataset an earlier demo left (only if made with the same settings) and
+    resumes its training run, so a killed or extended demo does not start again from nothing."""
+    import run_policy
+
+    out = tmp_path / "demo"
+    base = ["demo", "--out", str(out), "--episodes-per-task", "1", "--eval-episodes", "1", "--workers", "1"]
+    assert run_policy.main(base + ["--steps", "2"]) == 0, capsys.readouterr().err[-2000:]
+    first = json.loads((out / "results.json").read_text())
+    shards = {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()}
+
+    assert run_policy.main(base + ["--steps", "3", "--keep"]) == 0, capsys.readouterr().err[-2000:]
+    again = json.loads((out / "results.json").read_text())
+    assert "reusing the 3 demonstrations" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir() if p.name in shards} == shards
+    assert again["collect"]["episodes_written"] == 3
+    assert again["collect"]["transitions"] == first["collect"]["transitions"]
+    assert again["train"]["resumed_from_step"] == 2 and again["train"]["steps"] == 3
+
+    # another dataset size in the same --out: refused, naming the setting, and nothing is changed
+    assert run_policy.main(["demo", "--out", str(out), "--episodes-per-task", "2", "--keep", "--steps", "3"]) == 2
+    assert "num_episodes = 3, this run asks for 6" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == again

@@ -213,6 +213,40 @@ def test_fine_tune_reuses_tokenizer_and_action_bounds_explicitly(tiny_data, tmp_
         train(cfg_of("train.init_tokenizer=true"), tiny_data, tmp_path / "x", progress=False)
 
 
+def test_corrupt_source_policy_and_run_json_are_refused_naming_the_file(tiny_data, tmp_path, capsys):
+    """A truncated policy.json / action_stats.json under train.init_from, or run.json under --resume, is
+    reported with the file and the setting it came from, not as a bare JSONDecodeError or KeyError."""
+    import run_policy
+    from policy.config import ConfigError
+    from policy.policy_dir import PolicyDirError
+    from policy.train import train
+
+    run = tmp_path / "run"
+    assert run_policy.main(["train", "--config", str(CONFIG), "--data", tiny_data, "--out", str(run),
+                            "--steps", "1", *TINY]) == 0, capsys.readouterr().err[-2000:]
+    for name, text, error in [
+        ("policy.json", '{"format_version": 1, "inp', r"policy.json: expected the format version and input spec "
+                                                       r"as a JSON object, could not read it \(truncated or corrupt\?\)"),
+        ("policy.json", '{"input": {"camera_key": "image"}}', r"policy.json input.image_shape: expected \[H, W, 3\]"),
+        ("action_stats.json", "[1, 2]", r"action_stats.json: expected the action tokenizer .* got a JSON list"),
+        ("action_stats.json", '{"tokenizer": 3}', r"action_stats.json 'tokenizer': expected the source policy's "),
+    ]:
+        src = tmp_path / f"src-{name}-{len(text)}"
+        shutil.copytree(run / "policy", src)
+        (src / name).write_text(text)
+        cfg = cfg_of("train.steps=1", f"train.init_from={src}", "train.init_action_bounds=true")
+        with pytest.raises(ValueError, match=rf"train.init_from '{src}'.*{error}") as info:
+            train(cfg, tiny_data, tmp_path / f"ft-{name}-{len(text)}", progress=False)
+        assert isinstance(info.value, (PolicyDirError, ConfigError))
+
+    for text, error in [('{"config": {"train"', r"run.json: expected the run's metadata as a JSON object, could "
+                                                  r"not read it \(truncated or corrupt\?\): JSONDecodeError"),
+                        ('{"data": "x"}', r"run.json: expected a JSON object with the run's config .* got config = NoneType")]:
+        (run / "run.json").write_text(text)
+        assert run_policy.main(["train", "--resume", str(run)]) == 2
+        assert re.search(rf"--resume '{run}': {error}", capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("overrides, error", [
     (["data.camera=observation/wrist"], r"camera field 'steps/observation/wrist' .*is not in the dataset"),
     (["model.image.image_size=96"], r"model.image.image_size: expected <= the dataset's frame size \(64x64"),
@@ -292,7 +326,7 @@ def test_cli_trains_on_a_data_mixture_without_data(tiny_data, reach_data, tmp_pa
                           *TINY, mixture(tiny_data, reach_data)])
     assert rc == 2 and "expected none with data.mixture" in capsys.readouterr().err
     rc = run_policy.main(["train", "--config", str(CONFIG), "--out", str(tmp_path / "none"), *TINY])
-    assert rc == 2 and "expected --data DATA_DIR (or data.mixture in the config), got neither" in capsys.readouterr().err
+    assert rc == 2 and "--data: expected an RLDS dataset directory (or data.mixture in the config), got neither" in capsys.readouterr().err
     assert not (tmp_path / "both").exists() and not (tmp_path / "none").exists()
 
 
