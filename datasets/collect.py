@@ -144,18 +144,12 @@ def reuse_dataset(out: str | Path, env_name: str, tasks: list[str], episodes_per
     """The dataset an earlier `collect` wrote at `out` with exactly these settings (None if there is none).
     Datasets are written atomically, so one that exists is complete; one made with other settings is
     refused, naming the setting, rather than trained on by mistake."""
-    import json
-
-    from datasets.rlds_writer import SIDECAR
+    from datasets.rlds_loader import RLDSDataset
 
     path = Path(out)
     if not path.exists():
         return None
-    try:
-        info = json.loads((path / SIDECAR).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{str(path)!r}: expected a dataset written by `collect` (with {SIDECAR}), could not "
-                         f"read one: {type(exc).__name__}: {exc}") from None
+    info = RLDSDataset(path).sidecar  # DatasetError, naming the path, if it is not a dataset
     want = {"env": env_name, "tasks": list(tasks), "num_episodes": episodes_per_task * len(tasks), "seed": seed,
             "noise": noise}
     for key, value in want.items():

@@ -20,7 +20,7 @@ import numpy as np
 from dm_env import specs
 
 from datasets.tf_setup import tf, tfds  # noqa: F401  (hides GPUs from TensorFlow)
-from policy.fsutil import restore_set_aside, set_aside, swap_in
+from policy.fsutil import aside_path, restore_set_aside, set_aside, swap_in
 
 DATASET_NAME = "policy_stack_rlds"
 DATASET_VERSION = "1.0.0"
@@ -158,7 +158,7 @@ class AtomicRLDSWriter:
         if self.out_dir.exists() and not self.overwrite:
             self.out_dir.rmdir()  # only an empty directory reaches here (checked in __init__)
         # With --overwrite the old dataset stays in place until the new one is complete.
-        swap_in(built, self.out_dir, self.out_dir.parent / f".{self.out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+        swap_in(built, self.out_dir, aside_path(self.out_dir))
         return self.out_dir
 
     def abort(self) -> None:

@@ -82,6 +82,12 @@ def swap_in(staging: str | Path, out: str | Path, aside: str | Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def aside_path(out: str | Path) -> Path:
+    """A fresh `.NAME.old-*` sibling of `out` for swap_in to move the previous copy to (what set_aside finds)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+
+
 def set_aside(out: str | Path) -> list[Path]:
     """The `.NAME.old-*` siblings of `out` (previous copies moved aside by swap_in), oldest first."""
     out = Path(out)

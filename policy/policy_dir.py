@@ -29,7 +29,7 @@ from safetensors.torch import load_model, save_model
 
 from policy.action_tokenizer import ActionTokenizer, DictActionTokenizer, action_tokenizer_from_dict
 from policy.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
-from policy.fsutil import fsync_tree, restore_set_aside, set_aside, swap_in
+from policy.fsutil import aside_path, fsync_tree, restore_set_aside, set_aside, swap_in
 from policy.language import TextTokenizer
 
 FORMAT_VERSION = 1
@@ -125,7 +125,7 @@ def save_policy_dir(out: str | Path, cfg: ExperimentConfig, model: torch.nn.Modu
                 "input": spec.to_dict(), **(extra or {})}
         (staging / "policy.json").write_text(json.dumps(meta, indent=2))
         fsync_tree(staging)  # the data must be on disk before the rename makes it `out`
-        swap_in(staging, out, out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        swap_in(staging, out, aside_path(out))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -158,16 +158,16 @@ def _read_json(path: Path, name: str, expected: str, field: str = "--policy") ->
     return data
 
 
-def read_spec_and_stats(path: str | Path, field: str = "--policy") -> tuple[InputSpec, dict]:
-    """A policy directory's input spec (policy.json) and action_stats.json, checked, without the weights:
-    what fine-tuning (train.init_from) needs to know before it builds its own model."""
+def read_spec_and_stats(path: str | Path, field: str = "--policy") -> tuple[dict, InputSpec, dict]:
+    """A policy directory's policy.json (with its input spec checked) and action_stats.json, without the
+    weights: what loading, and fine-tuning (train.init_from) before it builds its own model, read first."""
     path = Path(path)
     meta = _read_json(path, "policy.json", "the format version and input spec", field)
     try:
         spec = InputSpec.from_dict(meta.get("input"))
     except PolicyDirError as exc:
         raise PolicyDirError(f"{field} {str(path)!r}: {exc}") from None
-    return spec, _read_json(path, "action_stats.json", "the action tokenizer and dataset statistics", field)
+    return meta, spec, _read_json(path, "action_stats.json", "the action tokenizer and dataset statistics", field)
 
 
 def _read_config(path: Path) -> ExperimentConfig:
@@ -218,17 +218,12 @@ def load_policy_dir(path: str | Path, device: str | torch.device = "cpu") -> Loa
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise PolicyDirError(f"--policy {str(path)!r}: not a policy directory: missing {', '.join(missing)}")
-    meta = _read_json(path, "policy.json", "the format version and input spec")
+    meta, spec, stats = read_spec_and_stats(path)
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise PolicyDirError(f"--policy {str(path)!r}: policy.json format_version: expected {FORMAT_VERSION}, got "
                              f"{version!r} (written by an incompatible version of this stack; retrain or convert it)")
     cfg = _read_config(path)
-    try:
-        spec = InputSpec.from_dict(meta.get("input"))
-    except PolicyDirError as exc:
-        raise PolicyDirError(f"--policy {str(path)!r}: {exc}") from None
-    stats = _read_json(path, "action_stats.json", "the action tokenizer and dataset statistics")
     try:
         action_tok = action_tokenizer_from_dict(stats["tokenizer"])
     except (KeyError, TypeError, ValueError) as exc:

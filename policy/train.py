@@ -324,7 +324,7 @@ def _source_policy(cfg: ExperimentConfig) -> tuple[Path, InputSpec, dict] | None
     if not meta_file.is_file() or not stats_file.is_file():
         raise ConfigError(f"train.init_from: expected a policy directory with model.safetensors, "
                           f"got {str(src)!r} (no policy.json / action_stats.json there)")
-    spec, stats = read_spec_and_stats(src, "train.init_from")
+    _, spec, stats = read_spec_and_stats(src, "train.init_from")
     return src, spec, stats
 
 
