@@ -173,9 +173,13 @@ def _put_back_success(env: "TabletopEnv") -> bool:
     if not state.get("go", False):
         state["held"] = state.get("held", 0) + 1 if _over_tray(env, t) else 0
         state["go"] = state["held"] >= HOLD_STEPS
+        if state["go"]:
+            state["go_step"] = env.step_count
         return False
-    back = np.linalg.norm(env.object_pos(t)[:2] - env.object_start_pos(t)[:2]) < PUT_BACK_RADIUS
-    return bool(back and _on_table(env, t) and not env.touching_fingers(t))
+    offset = float(np.linalg.norm(env.object_pos(t)[:2] - env.object_start_pos(t)[:2]))
+    # Kept for the eval record: how far from its start the object is at the episode's end.
+    state["distance_from_start"] = round(offset, 4)
+    return bool(offset < PUT_BACK_RADIUS and _on_table(env, t) and not env.touching_fingers(t))
 
 
 def _put_back_lamp(env: "TabletopEnv") -> tuple[float, float, float]:

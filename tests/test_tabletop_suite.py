@@ -17,7 +17,7 @@ from envs.experts import make_expert
 from envs.ik import DampedLeastSquaresIK
 from envs.scene import ARM_JOINTS, BLOCK_HALF, COLORS, OBJECTS, PADS, RGB, SHAPES, WORKSPACE_HIGH, WORKSPACE_LOW
 from envs.tabletop import GRIPPER_DOWN, TabletopEnv, task_max_steps, task_names
-from envs.tasks import CUE_STEPS, GO_STEP, HOLD_STEPS, TASKS
+from envs.tasks import CUE_STEPS, GO_STEP, HOLD_STEPS, PUT_BACK_RADIUS, TASKS
 
 ALL_TASKS = task_names()
 MEMORY_TASKS = [t for t in ALL_TASKS if TASKS[t].memory]
@@ -360,6 +360,9 @@ def test_put_back_spot_is_unmarked_and_go_comes_after_the_hold(make_env):
 
     _rollout(env, seed=1, on_step=check)
     assert env.success and seen == {"spot_clear": True, "hold": HOLD_STEPS}
+    # what the eval record keeps: when the go light came and how far from its start the object ended
+    assert HOLD_STEPS < env.task_state["go_step"] < env.step_count
+    assert 0 <= env.task_state["distance_from_start"] < PUT_BACK_RADIUS
 
 
 # ---- bad input -----------------------------------------------------------------------------
