@@ -136,7 +136,7 @@ class TabletopEnv(dm_env.Environment):
         self._obj_start: dict[str, np.ndarray] = {}
         self._tcp_target = np.zeros(3)
         self._q_cmd = ARM_HOME.copy()
-        self.task_state: dict[str, Any] = {}  # per-episode memory of stateful success checks
+        self.task_state: dict[str, Any] = {}  # per-episode memory of stateful success checks, and first_grasped
         self._step_count = 0
         self._needs_reset = True
         self._last_info: dict[str, Any] = {}
@@ -201,6 +201,10 @@ class TabletopEnv(dm_env.Environment):
         d.ctrl[self._finger_ctrl] = 0.0 if a[3] > 0 else FINGER_OPEN
         mujoco.mj_step(self.model, d, nstep=SUBSTEPS)
         self._step_count += 1
+        if "first_grasped" not in self.task_state:
+            held = [s for s in OBJECTS if self.grasped(s)]
+            if held:  # for the eval record: a wrong object taken vs. the right one not placed
+                self.task_state["first_grasped"] = held[0]
 
         success = self._task.success(self)
         self._last_info = self._info(success)

@@ -241,6 +241,9 @@ def test_put_back_needs_the_hold_over_the_tray(make_env):
 # ---- experts -------------------------------------------------------------------------------
 
 
+PICKING_EXPERTS = {"lift", "place", "slide", "stack", "place_on_pad", "pick_shape", "place_shape", "put_back"}
+
+
 @pytest.mark.parametrize("task", ALL_TASKS)
 def test_expert_succeeds(make_env, task):
     env = make_env(task)
@@ -248,6 +251,10 @@ def test_expert_succeeds(make_env, task):
         steps = _rollout(env, seed, noise)
         assert env.success and steps[-1].reward == 1.0, f"{task} seed {seed} noise {noise}"
         assert env.step_count <= env.max_steps
+        # the eval record's first_grasped: the named object for the experts that pick; the others grasp
+        # nothing without noise (with it, a push can close the fingers around the object)
+        if task in PICKING_EXPERTS or noise == 0.0:
+            assert env.task_state.get("first_grasped") == (env.target if task in PICKING_EXPERTS else None)
 
 
 def test_expert_moves_smoothly(make_env):
