@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 SEEDS_PER_TASK = 1_000  # evaluation seed block of a task: EVAL_SEED_BASE + seed * 100_000 + task * 1_000 + i
-SEEDS_PER_BLOCK = 100_000
+SEEDS_PER_BLOCK = 100_000  # `task` is the task's place in task_seed_order, so at most 100 tasks per env
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,6 @@ class EpisodeJob:
     policy_dir: str
     env_name: str
     task: str
-    task_index: int
     episode: int
     seed: int
     image_size: int
@@ -82,6 +81,18 @@ class EvalResult:
         return "\n".join(rows)
 
 
+def task_seed_order(trained: list[str], known: list[str]) -> list[str]:
+    """The order that numbers a policy's evaluation seed blocks: the tasks it was trained on, in training
+    order, then the env's other tasks in the env's order. It does not depend on `--tasks`, so evaluating
+    some of the tasks plays the same episodes of each as evaluating all of them."""
+    first = [t for t in trained if t in known]
+    order = first + [t for t in known if t not in first]
+    if len(order) > SEEDS_PER_BLOCK // SEEDS_PER_TASK:
+        raise ValueError(f"env with {len(order)} tasks: expected at most {SEEDS_PER_BLOCK // SEEDS_PER_TASK} "
+                         "(one evaluation seed block per task)")
+    return order
+
+
 def eval_seed(seed: int, task_index: int, episode: int) -> int:
     from datasets.collect import EVAL_SEED_BASE
 
@@ -115,7 +126,8 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
     trained_env = spec.env
     env_name = env_name or trained_env.get("env", "tabletop")
     known = list(envs.list_tasks(env_name))
-    tasks = list(tasks or trained_env.get("tasks") or known)
+    trained_tasks = list(trained_env.get("tasks") or [])
+    tasks = list(tasks or trained_tasks or known)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {unknown} for env {env_name!r}; expected some of {known}")
@@ -130,10 +142,11 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
     image_size = int(spec.image_shape[0])
     camera = trained_env.get("camera")  # None: the env's default camera
 
-    jobs = [EpisodeJob(str(policy_dir), env_name, task, ti, i, eval_seed(seed, ti, i), image_size, camera,
+    seed_index = {t: i for i, t in enumerate(task_seed_order(trained_tasks, known))}
+    jobs = [EpisodeJob(str(policy_dir), env_name, task, i, eval_seed(seed, seed_index[task], i), image_size, camera,
                        str(Path(video_dir) / f"{task}_{i:03d}.mp4") if video_dir is not None and i < videos_per_task
                        else None)
-            for ti, task in enumerate(tasks) for i in range(episodes_per_task)]
+            for task in tasks for i in range(episodes_per_task)]
     start = time.perf_counter()
     records: list[EpisodeRecord] = []
     bar = tqdm(total=len(jobs), desc="eval", unit="ep", disable=not progress)
@@ -157,7 +170,7 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
     if memory_figure is not None:
         from rollout.plots import memory_figure as plot_memory
 
-        trace = memory_trace(policy_dir, env_name, tasks[0], eval_seed(seed, 0, 0), image_size, camera, threads)
+        trace = memory_trace(policy_dir, env_name, tasks[0], eval_seed(seed, seed_index[tasks[0]], 0), image_size, camera, threads)
         result.memory_figure = plot_memory(trace, memory_figure)
     return result
 

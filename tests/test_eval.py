@@ -122,3 +122,27 @@ def test_records_say_how_each_episode_ended(policy_dir):
         if r["task"] == "cue_touch" and "first_touch" in r["details"]:
             assert r["details"]["first_touch"] in (*OBJECTS, "invalid")
         json.dumps(r)  # JSON-safe
+
+
+def test_a_task_plays_the_same_episodes_whichever_tasks_are_evaluated_with_it(policy_dir):
+    from rollout.evaluate import eval_seed
+
+    def push(tasks):
+        res = evaluate(policy_dir, tasks=tasks, episodes_per_task=2, workers=1, progress=False)
+        return [r for r in res.to_json()["records"] if r["task"] == "push"]
+
+    alone = push(["push"])
+    assert alone == push(["reach", "push"]) == push(["push", "reach"])
+    # the seed blocks follow the policy's trained tasks (this one: every tabletop task, push third)
+    assert [r["seed"] for r in alone] == [eval_seed(0, 2, 0), eval_seed(0, 2, 1)]
+
+
+def test_seed_order_is_the_trained_tasks_then_the_envs_others():
+    from rollout.evaluate import task_seed_order
+
+    known = ["reach", "lift", "push", "stack"]
+    assert task_seed_order(["stack", "reach"], known) == ["stack", "reach", "lift", "push"]
+    assert task_seed_order([], known) == known
+    assert task_seed_order(["elsewhere", "push"], known) == ["push", "reach", "lift", "stack"]  # foreign names skipped
+    with pytest.raises(ValueError, match="env with 101 tasks: expected at most 100"):
+        task_seed_order([], [f"t{i}" for i in range(101)])
