@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing as mp
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +43,10 @@ class EpisodeRecord:
     action_digest: str  # hash of the episode's actions: equal digests = the same rollout
     video: str | None = None
     # How it ended: "success", "time limit" or "policy terminated" (the terminate action), and the
-    # task's own record of what happened where it keeps one (tabletop: the target slot and, for
-    # stateful checks, e.g. cue_touch's first touch: a slot name, or "invalid" = too early or two at once).
+    # task's own record of what happened where it keeps one (tabletop: the target slot, the episode's other
+    # choices (stack's base `other`, `pad`, `direction`, `cue`), the first object grasped (`first_grasped`)
+    # and, for stateful checks, e.g. cue_touch's first touch: a slot name, or "invalid" = too early or two
+    # at once; put_back's `go_step` and final `distance_from_start` in metres).
     outcome: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -264,6 +266,10 @@ def _episode_details(env: Any) -> dict[str, Any]:
     target = getattr(env, "target", None)
     if isinstance(target, str):
         details["target"] = target
+    # what else the task chose for the episode (tabletop: stack's base object, the pad, the direction)
+    choice = getattr(env, "episode", None)
+    if is_dataclass(choice):
+        details.update({k: v for k, v in asdict(choice).items() if isinstance(v, str) and k not in details})
     for k, v in dict(getattr(env, "task_state", {}) or {}).items():
         if isinstance(v, (str, bool, int, float, np.generic)):
             details[k] = v.item() if isinstance(v, np.generic) else v

@@ -108,9 +108,9 @@ def test_each_evaluation_loads_the_weights_the_directory_holds_now(tmp_path):
 
 def test_records_say_how_each_episode_ended(policy_dir):
     from envs.tabletop import task_max_steps
-    from envs.scene import OBJECTS
+    from envs.scene import COLORS, OBJECTS
 
-    res = evaluate(policy_dir, tasks=["cue_touch", "reach"], episodes_per_task=3, workers=1, progress=False)
+    res = evaluate(policy_dir, tasks=["cue_touch", "reach", "stack"], episodes_per_task=3, workers=1, progress=False)
     for r in res.to_json()["records"]:
         assert r["outcome"] in ("success", "time limit", "policy terminated"), r
         assert (r["outcome"] == "success") == r["success"]
@@ -121,6 +121,11 @@ def test_records_say_how_each_episode_ended(policy_dir):
         assert r["details"]["target"] in OBJECTS
         if r["task"] == "cue_touch" and "first_touch" in r["details"]:
             assert r["details"]["first_touch"] in (*OBJECTS, "invalid")
+        if r["task"] == "cue_touch":
+            assert r["details"]["cue"] in COLORS  # the colour the lamp showed
+        if r["task"] == "stack":  # the base object, which the instruction names too
+            assert r["details"]["other"] in OBJECTS and r["details"]["other"] != r["details"]["target"]
+        assert r["details"].get("first_grasped", OBJECTS[0]) in OBJECTS
         json.dumps(r)  # JSON-safe
 
 
