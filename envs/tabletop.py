@@ -202,9 +202,9 @@ class TabletopEnv(dm_env.Environment):
         mujoco.mj_step(self.model, d, nstep=SUBSTEPS)
         self._step_count += 1
         if "first_grasped" not in self.task_state:
-            held = [s for s in OBJECTS if self.grasped(s)]
-            if held:  # for the eval record: a wrong object taken vs. the right one not placed
-                self.task_state["first_grasped"] = held[0]
+            held = self._first_grasped_slot()
+            if held is not None:  # for the eval record: a wrong object taken vs. the right one not placed
+                self.task_state["first_grasped"] = held
 
         success = self._task.success(self)
         self._last_info = self._info(success)
@@ -329,16 +329,24 @@ class TabletopEnv(dm_env.Environment):
     def lamp_rgb(self) -> np.ndarray:
         return self.model.geom_rgba[self._lamp_geom, :3].copy()
 
+    def _finger_touches(self) -> set[tuple[int, int]]:
+        """(finger pad geom, other geom) for every contact of a finger pad, in one pass over the contacts."""
+        touches = set()
+        for g1, g2 in self.data.contact.geom[: self.data.ncon].tolist():
+            if g1 in self._finger_geoms:
+                touches.add((g1, g2))
+            if g2 in self._finger_geoms:
+                touches.add((g2, g1))
+        return touches
+
     def _finger_contacts(self, slot: str) -> set[int]:
-        geoms = self.data.contact.geom[: self.data.ncon]
         obj = self._obj_geom[slot]
-        touching = set()
-        for g1, g2 in geoms:
-            if g1 == obj and g2 in self._finger_geoms:
-                touching.add(int(g2))
-            elif g2 == obj and g1 in self._finger_geoms:
-                touching.add(int(g1))
-        return touching
+        return {f for f, other in self._finger_touches() if other == obj}
+
+    def _first_grasped_slot(self) -> str | None:
+        """The first object (in OBJECTS order) that both finger pads touch, from one pass over the contacts."""
+        touches = self._finger_touches()
+        return next((s for s in OBJECTS if all((f, self._obj_geom[s]) in touches for f in self._finger_geoms)), None)
 
     def touching_fingers(self, slot: str) -> bool:
         return bool(self._finger_contacts(slot))

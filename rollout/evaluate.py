@@ -172,7 +172,8 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
     if memory_figure is not None:
         from rollout.plots import memory_figure as plot_memory
 
-        trace = memory_trace(policy_dir, env_name, tasks[0], eval_seed(seed, seed_index[tasks[0]], 0), image_size, camera, threads)
+        first = eval_seed(seed, seed_index[tasks[0]], 0)
+        trace = memory_trace(policy_dir, env_name, tasks[0], first, image_size, camera, threads)
         result.memory_figure = plot_memory(trace, memory_figure)
     return result
 
