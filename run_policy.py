@@ -6,7 +6,6 @@ Every subcommand that produces numbers writes them as JSON with --json PATH (sch
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -14,19 +13,16 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = ROOT / "configs" / "quickstart.yaml"
+from common.cli import add_config_args, config_path, positive_float, positive_int  # noqa: E402
+
 DEMO_TASKS = ["reach", "lift", "push"]
 
 
 def write_json(path: str | None, data: dict) -> None:
-    if not path:
-        return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(p)
+    if path:
+        from common.atomic import write_json_atomic
+
+        write_json_atomic(path, data)
 
 
 def parse_tasks(env: str, spec: str) -> list[str]:
@@ -58,6 +54,7 @@ def cmd_collect(a: argparse.Namespace) -> dict:
 def cmd_train(a: argparse.Namespace) -> dict:
     from policy.config import load_config
     from policy.train import train
+    from rollout.evaluate import in_loop_evaluator
 
     overrides = list(a.overrides)
     if a.steps is not None:
@@ -75,13 +72,13 @@ def cmd_train(a: argparse.Namespace) -> dict:
             raise ValueError(f"--out {a.out!r}: expected nothing or the --resume directory {a.resume!r}")
         # The run's own config; overrides apply on top, and train refuses those a resume cannot honour.
         cfg = config_from_dict(read_run_meta(a.resume)["config"], overrides)
-        res = train(cfg, a.data, a.resume, resume=True)
+        res = train(cfg, a.data, a.resume, resume=True, evaluator=in_loop_evaluator)
     else:
         if not a.out:
             raise ValueError("train: expected --out RUN_DIR (or --resume RUN_DIR)")
         # a data.mixture in the config replaces --data (train checks that exactly one is given)
-        cfg = load_config(a.config if a.config is not None else DEFAULT_CONFIG, overrides)
-        res = train(cfg, a.data, a.out)
+        cfg = load_config(config_path(a), overrides)
+        res = train(cfg, a.data, a.out, evaluator=in_loop_evaluator)
     if os.environ.get("RANK", "0") == "0":
         print(f"trained {res.steps} steps in {res.seconds:.0f}s: loss {res.final_loss:.3f}, token accuracy "
               f"{res.final_token_accuracy:.3f}, {res.skipped_steps} skipped; policy at {res.policy_dir}")
@@ -109,13 +106,13 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     from policy.checkpoint import RUN_FILE
     from policy.config import load_config
     from policy.train import train
-    from rollout.evaluate import evaluate
+    from rollout.evaluate import evaluate, in_loop_evaluator
 
     out = Path(a.out)
     if out.exists() and not a.keep:
         import shutil
         shutil.rmtree(out)
-    cfg = load_config(a.config, [f"train.steps={a.steps}"] if a.steps else [])
+    cfg = load_config(config_path(a), list(a.overrides) + ([f"train.steps={a.steps}"] if a.steps else []))
     timings = {}
     t = time.perf_counter()
     # --keep: continue an earlier (possibly killed) demo: its dataset is reused, its training resumed
@@ -131,7 +128,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     resume = a.keep and (out / "run" / RUN_FILE).is_file()
     print(f"[2/3] {'resuming' if resume else 'training'} the quickstart TTM policy for {cfg.train.steps} steps "
           f"on {col.transitions} transitions")
-    tr = train(cfg, col.path, out / "run", resume=resume)
+    tr = train(cfg, col.path, out / "run", resume=resume, evaluator=in_loop_evaluator)
     timings["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     print(f"[3/3] evaluating {a.eval_episodes} episodes per task (unseen seeds)")
@@ -147,54 +144,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 
 
 def cmd_bench(a: argparse.Namespace) -> dict:
-    from rollout.bench import bench_step
-
-    if isinstance(a.image_size, str) and a.what != "serve":
-        raise ValueError(f"--image-size: expected one integer for bench {a.what}, got {a.image_size!r}")
-    if a.what == "data":
-        from rollout.bench_data import bench_data
-
-        if not a.data:
-            raise ValueError("bench data: expected --data PATH (an RLDS dataset directory), got none")
-        res = bench_data(a.data, a.config, batch_size=a.batch_size, window=a.window, image_size=a.image_size or 64,
-                         minutes=a.minutes, sequence=a.sequence, cache=not a.no_cache, crop_pad=a.crop_pad,
-                         parallel_calls=a.parallel_calls, threads=a.threads, overrides=a.overrides)
-        print(json.dumps({k: v for k, v in res.items() if k != "rss_samples"}, indent=2))
-        return res
-    if a.what == "backbone":
-        from rollout.bench_backbone import bench_backbone
-
-        res = bench_backbone(a.image_size or 224, a.threads, a.steps or 20, vit_size=a.vit_size,
-                             process_patch=a.process_patch, memory_patch=a.memory_patch)
-    elif a.what == "model":
-        from rollout.bench_model import bench_model
-
-        res = bench_model(a.config, a.steps or 20, a.threads, action_dims=a.action_dims, proprio_dim=a.proprio_dim,
-                          device=a.device, overrides=a.overrides)
-    elif a.what == "step":
-        res = bench_step(a.policy, a.config, a.steps or 200, a.threads)
-    elif a.what == "step-latency":
-        from rollout.bench_step_latency import bench_step_latency
-
-        res = bench_step_latency(a.config, tuple(a.controllers.split(",")), a.at,
-                                 samples=a.samples, threads=a.threads, overrides=a.overrides, plot=a.plot)
-    elif a.what == "train":
-        from rollout.bench_train import bench_train
-
-        res = bench_train(a.config, a.data, a.steps or 20, overrides=a.overrides)
-    elif a.what == "serve":
-        from rollout.bench_serve import bench_serve, parse_image_size
-
-        size = f"{a.image_size}x{a.image_size}" if isinstance(a.image_size, int) else a.image_size
-        res = bench_serve(a.policy, a.clients, a.rate, parse_image_size(size), a.steps or 100, threads=a.serve_threads)
-    else:
-        from rollout.bench_env import bench_env
-
-        tasks = parse_tasks(a.env, a.tasks) if a.tasks else None
-        res = bench_env(a.env, tasks, a.seeds, a.image_size or 96, camera=a.camera, noise=a.noise, frames=a.frames,
-                        upstream=a.upstream)
-    print(json.dumps(res, indent=2))
-    return res
+    # `bench NAME`: the benchmark registered under NAME in rollout/bench/ (its flags, its run function)
+    return a.bench_run(a)
 
 
 def cmd_serve(a: argparse.Namespace) -> dict:
@@ -221,7 +172,7 @@ def cmd_plot_curves(a: argparse.Namespace) -> dict:
 
 
 def cmd_inspect(a: argparse.Namespace) -> dict:
-    from datasets.rlds_loader import RLDSDataset
+    from datasets.rlds_dataset import RLDSDataset
 
     ds = RLDSDataset(a.data, split=a.split, standardization=a.standardization, camera=a.camera)
     scan = ds.scan()
@@ -257,43 +208,6 @@ def cmd_inspect(a: argparse.Namespace) -> dict:
     return out
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: argparse names the flag when this raises."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _step_list(text: str) -> tuple[int, ...]:
-    """'1,10,100' -> (1, 10, 100): episode steps, each >= 1."""
-    try:
-        steps = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        steps = ()
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers >= 1, got {text!r}")
-    return steps
-
-
-def _image_size_arg(text: str) -> int | str:
-    """N, or HxW (bench serve)."""
-    return int(text) if text.strip().isdigit() else text
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_policy.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -320,8 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_collect)
 
     t = sub.add_parser("train", help="behaviour cloning from an RLDS dataset into a policy directory")
-    t.add_argument("--config", default=None, help=f"YAML config (default {DEFAULT_CONFIG.relative_to(ROOT)}; "
-                                                  "none with --resume)")
+    add_config_args(t, "YAML config; none with --resume")
     t.add_argument("--data", default=None, help="RLDS dataset directory (with --resume: default the run's; "
                                                 "none with data.mixture)")
     t.add_argument("--out", default=None, help="run directory; the policy goes to OUT/policy")
@@ -329,7 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue RUN_DIR from its newest checkpoint, exactly (its config; overrides on top: "
                         "train.steps and run-control keys only, docs/TRAINING.md)")
     t.add_argument("--steps", type=int, default=None, help="shortcut for train.steps=N")
-    t.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.lr=3e-4")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="roll out a policy directory in simulation")
@@ -348,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="offline CPU demo: collect -> train -> eval on the tabletop suite")
     d.add_argument("--out", default="demo_out")
-    d.add_argument("--config", default=str(DEFAULT_CONFIG))
+    add_config_args(d)
     # 1000: on the arm suite, 400 demonstrations per task gave 42% on unseen layouts, 1000 gave 73%
     # (README "Measured"); the policy fits its training layouts either way.
     d.add_argument("--episodes-per-task", type=int, default=1000)
@@ -362,82 +274,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the same settings), resume its training run, evaluate again")
     d.set_defaults(fn=cmd_demo)
 
-    b = sub.add_parser("bench", help="measure: 'step' (policy step latency), 'env' (per task: expert success, "
-                                     "episode length, simulator steps/s and rendered frames/s), "
-                                     "'backbone' (image backbone latency and FLOPs: efficientnet-b3, vittm, vit) or "
-                                     "'model' (a config's parameters per component, tokens per frame, FLOPs per "
-                                     "policy step, stepwise-vs-unrolled difference) or 'step-latency' (per-step "
-                                     "latency at episode steps 1..1000 for every controller, side by side) or 'train' (training "
-                                     "samples/s, seconds per step split into data/forward/backward/optimizer, "
-                                     "peak memory) or 'serve' (policy server round trips over loopback vs in-process, "
-                                     "K clients at a rate: missed deadlines) or 'data' (training input pipeline: "
-                                     "frames/s as torch batches, time to first batch, RSS over the run)")
-    b.add_argument("what", choices=["step", "env", "backbone", "model", "step-latency", "train", "serve", "data"])
-    b.add_argument("--data", default=None,
-                   help="bench data: RLDS dataset directory; bench train: RLDS dataset (default: a tiny tabletop "
-                        "dataset collected into a temp dir)")
-    b.add_argument("--batch-size", type=_positive_int, default=64, help="bench data: sequences per batch")
-    b.add_argument("--window", type=_positive_int, default=1, help="bench data: steps per sequence (T)")
-    b.add_argument("--sequence", default="window", choices=["window", "episode"], help="bench data: sequence mode")
-    b.add_argument("--minutes", type=_positive_float, default=1.0, help="bench data: how long to iterate")
-    b.add_argument("--no-cache", action="store_true", help="bench data: decode every epoch (no in-memory cache)")
-    b.add_argument("--crop-pad", type=int, default=0, help="bench data: RT-1 pad-and-random-crop pixels")
-    b.add_argument("--parallel-calls", type=int, default=-1, help="bench data: tf.data map calls (-1 AUTOTUNE)")
-    b.add_argument("--policy", default=None, help="policy directory (bench step)")
-    b.add_argument("--config", default=str(DEFAULT_CONFIG),
-                   help="config for a freshly initialised policy (bench step, bench model)")
-    b.add_argument("--steps", type=_positive_int, default=None,
-                   help="timed steps (default 200; bench backbone: 20); bench model: policy steps compared (20)")
-    b.add_argument("--action-dims", type=_positive_int, default=11, help="bench model: action dimensions (RT-1: 11)")
-    b.add_argument("--proprio-dim", type=int, default=8, help="bench model: proprio size (if the config uses it)")
-    b.add_argument("--device", default="cpu", help="bench model: torch device")
-    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="bench model / train: a config override, repeatable (e.g. --set model.controller.type=rt1)")
-    b.add_argument("--controllers", default="ttm,rt1,causal_transformer,lstm",
-                   help="bench step-latency: controller types compared (same tokenizer and head)")
-    b.add_argument("--at", type=_step_list, default=(1, 10, 100, 1000), help="bench step-latency: episode steps reported")
-    b.add_argument("--samples", type=_positive_int, default=30,
-                   help="bench step-latency: timed calls of each step t (from the saved state after step t-1)")
-    b.add_argument("--plot", default=None, metavar="PNG", help="bench step-latency: write a latency-vs-step plot")
-    b.add_argument("--clients", type=_positive_int, default=4, help="bench serve: concurrent robot sessions")
-    b.add_argument("--rate", type=_positive_float, default=10.0, help="bench serve: control rate per client (Hz)")
-    b.add_argument("--serve-threads", type=_positive_int, default=1, help="bench serve: torch threads (server and in-process)")
-    b.add_argument("--threads", type=_positive_int, default=2)
-    b.add_argument("--env", default="tabletop", help="bench env: tabletop, metaworld-mt10 or metaworld-mt50")
-    b.add_argument("--tasks", default=None, help="bench env: 'all' (default) or a comma-separated list of tasks")
-    b.add_argument("--seeds", type=_positive_int, default=10, help="bench env: expert episodes per task (seeds 0..N-1)")
-    b.add_argument("--camera", default=None, help="bench env: camera (default: the env's)")
-    b.add_argument("--noise", type=float, default=0.0, help="bench env: expert action noise (std, action units)")
-    b.add_argument("--frames", type=_positive_int, default=100, help="bench env: rendered frames timed per task")
-    b.add_argument("--upstream", action="store_true",
-                   help="bench env (Meta-World): also run upstream policies directly on Meta-World, no adapter")
-    b.add_argument("--image-size", type=_image_size_arg, default=None,
-                   help="default 96 (bench env), 224 (bench backbone); bench serve: HxW (default 256x320)")
-    b.add_argument("--vit-size", default="s", help="bench backbone: ViTTM / ViT size preset (tiny, s, b)")
-    b.add_argument("--process-patch", type=int, default=None,
-                   help="bench backbone: ViTTM process patch (default image_size / 8)")
-    b.add_argument("--memory-patch", type=int, default=None,
-                   help="bench backbone: ViTTM memory patch = plain ViT patch (default image_size / 14)")
+    from rollout.bench import add_subparsers as add_bench_subparsers, bench_names
+
+    b = sub.add_parser("bench", help="measure: " + ", ".join(bench_names()) + " (`bench NAME --help`: its flags)")
+    add_bench_subparsers(b)
     b.set_defaults(fn=cmd_bench)
 
+    from rollout.server import ServerConfig  # its defaults are the flags' defaults (stdlib + msgpack only)
+
+    sd = ServerConfig()
     s = sub.add_parser("serve", help="serve a policy over websockets (msgpack; rollout/protocol.py) to robot computers")
     s.add_argument("--policy", required=True)
-    s.add_argument("--host", default="127.0.0.1", help="bind address; anything beyond loopback needs --token")
-    s.add_argument("--port", type=int, default=8765, help="0 = any free port (printed)")
-    s.add_argument("--token", default=None, help="auth token clients must send (default: $POLICY_SERVER_TOKEN)")
-    s.add_argument("--max-message-bytes", type=_positive_int, default=4 << 20)
-    s.add_argument("--rate-limit", type=_positive_float, default=200.0, help="messages per second per session (sustained)")
-    s.add_argument("--burst", type=_positive_int, default=50, help="messages per session above the sustained rate")
-    s.add_argument("--max-sessions", type=_positive_int, default=16, help="sessions past hello served at once")
-    s.add_argument("--max-pending", type=_positive_int, default=64,
+    s.add_argument("--host", default=sd.host, help="bind address; anything beyond loopback needs --token")
+    s.add_argument("--port", type=int, default=sd.port, help="0 = any free port (printed)")
+    s.add_argument("--token", default=sd.token, help="auth token clients must send (default: $POLICY_SERVER_TOKEN)")
+    s.add_argument("--max-message-bytes", type=positive_int, default=sd.max_message_bytes)
+    s.add_argument("--rate-limit", type=positive_float, default=sd.rate_hz,
+                   help="messages per second per session (sustained)")
+    s.add_argument("--burst", type=positive_int, default=sd.burst, help="messages per session above the sustained rate")
+    s.add_argument("--max-sessions", type=positive_int, default=sd.max_sessions, help="sessions past hello served at once")
+    s.add_argument("--max-pending", type=positive_int, default=sd.max_pending,
                    help="connections that have not yet said hello (each closed after --hello-timeout)")
-    s.add_argument("--hello-timeout", type=_positive_float, default=5.0,
+    s.add_argument("--hello-timeout", type=positive_float, default=sd.hello_timeout_s,
                    help="seconds a new connection has to authenticate with hello")
-    s.add_argument("--model-thread", action="store_true",
+    s.add_argument("--model-thread", action="store_true", default=sd.model_thread,
                    help="run model calls on a worker thread (the loop stays responsive during long steps)")
-    s.add_argument("--max-batch", type=_positive_int, default=16,
+    s.add_argument("--max-batch", type=positive_int, default=sd.max_batch,
                    help="sessions stepped together in one batched model call (1 = no batching)")
-    s.add_argument("--threads", type=_positive_int, default=1, help="torch threads")
+    s.add_argument("--threads", type=positive_int, default=1, help="torch threads")
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=cmd_serve)
 

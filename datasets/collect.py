@@ -17,30 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-# Env seeds: --seed 0 demonstrations live below EVAL_SEED_BASE; evaluation seeds start there, in
-# MAX_EVAL_SEEDS blocks (rollout/evaluate.py); --seed s >= 1 demonstrations live above those. So no
-# demonstration ever replays an evaluation episode, and different --seed values never share an episode.
-EVAL_SEED_BASE = 1_000_000
-SEEDS_PER_TASK = 10_000
-MAX_TASKS = 100
-MAX_EVAL_SEEDS = 10_000  # eval --seed blocks of 100,000 seeds each
-EXTRA_DEMO_SEED_BASE = EVAL_SEED_BASE + MAX_EVAL_SEEDS * 100_000
-MAX_DEMO_SEED = 1_000  # keeps env seeds below 2**31
-
-
-def demo_seed(seed: int, task_index: int, episode: int) -> int:
-    """The env seed of demonstration `episode` of task `task_index` in a collection with --seed `seed`."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_DEMO_SEED:
-        raise ValueError(f"--seed: expected an integer in [0, {MAX_DEMO_SEED}], got {seed!r}")
-    if not 0 <= episode < SEEDS_PER_TASK:
-        raise ValueError(f"--episodes-per-task: expected at most {SEEDS_PER_TASK} (a task's seed block), "
-                         f"got {episode + 1}")
-    if not 0 <= task_index < MAX_TASKS:
-        raise ValueError(f"--tasks: expected at most {MAX_TASKS} tasks in one collection, got {task_index + 1}")
-    block = task_index * SEEDS_PER_TASK + episode
-    if seed == 0:
-        return block
-    return EXTRA_DEMO_SEED_BASE + (seed - 1) * MAX_TASKS * SEEDS_PER_TASK + block
+from common.seeds import demo_seed
 
 
 @dataclass(frozen=True)
@@ -116,12 +93,14 @@ def iter_episodes(requests: list[EpisodeRequest], workers: int) -> Iterator:
 
 
 def _action_names(env_name: str, size: int) -> list[str]:
-    """The env's own action names (envs.ACTION_NAMES_BY_ENV where it exists), else the tabletop suite's,
-    used only if they fit the action size."""
+    """The env's action names (common.action_interface), checked against the spec's action size."""
     import envs
 
-    names = list(getattr(envs, "ACTION_NAMES_BY_ENV", {}).get(env_name, envs.ACTION_NAMES))
-    return names if len(names) == size else [f"a{i}" for i in range(size)]
+    names = list(envs.action_names(env_name))
+    if len(names) != size:
+        raise ValueError(f"env {env_name!r}: its action spec has {size} dimensions but its action interface "
+                         f"names {len(names)} ({names}); common/action_interface.py and the env disagree")
+    return names
 
 
 @dataclass
@@ -144,7 +123,7 @@ def reuse_dataset(out: str | Path, env_name: str, tasks: list[str], episodes_per
     """The dataset an earlier `collect` wrote at `out` with exactly these settings (None if there is none).
     Datasets are written atomically, so one that exists is complete; one made with other settings is
     refused, naming the setting, rather than trained on by mistake."""
-    from datasets.rlds_loader import RLDSDataset
+    from datasets.rlds_dataset import RLDSDataset
 
     path = Path(out)
     if not path.exists():

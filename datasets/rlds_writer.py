@@ -5,7 +5,8 @@ action taken from it, and the reward/discount that followed; the last step holds
 observation with is_last=True and a zero (invalid) action.
 
 Writes are atomic: episodes go to a hidden staging directory next to the destination, which is
-renamed into place only after the writer has closed and the dataset reads back.
+fsynced and renamed into place (common.atomic.swap_in) only after the writer has closed and the dataset
+reads back.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from dm_env import specs
 
+from common.atomic import aside_path, fsync_tree, restore_set_aside, set_aside, swap_in
+from datasets.source import SIDECAR
 from datasets.tf_setup import tf, tfds  # noqa: F401  (hides GPUs from TensorFlow)
-from policy.fsutil import aside_path, restore_set_aside, set_aside, swap_in
 
 DATASET_NAME = "policy_stack_rlds"
 DATASET_VERSION = "1.0.0"
-SIDECAR = "policy_stack.json"
 
 
 def feature_from_spec(spec: specs.Array, image_encoding: str = "png") -> Any:
@@ -157,7 +158,9 @@ class AtomicRLDSWriter:
         tfds.builder_from_directory(str(built))  # must read back before it is published
         if self.out_dir.exists() and not self.overwrite:
             self.out_dir.rmdir()  # only an empty directory reaches here (checked in __init__)
-        # With --overwrite the old dataset stays in place until the new one is complete.
+        # With --overwrite the old dataset stays in place until the new one is complete. The staging tree
+        # is on disk before the rename publishes it (a crash leaves the old dataset or the new, whole).
+        fsync_tree(built)
         swap_in(built, self.out_dir, aside_path(self.out_dir))
         return self.out_dir
 

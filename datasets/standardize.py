@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from common.action_interface import action_interface
+
 
 class StandardizationError(ValueError):
     """A standardisation entry that cannot be used; the message names the entry and the key."""
@@ -216,20 +218,24 @@ def entry_from_dict(name: str, d: Any) -> Standardization:
 
 
 # -- built-in entries (the same schema a user's YAML uses) -------------------------------------------
-_TABLETOP_NAMES = ["world_vector_x", "world_vector_y", "world_vector_z", "gripper_closedness", "terminate_episode"]
+def _ours(family: str) -> dict[str, Any]:
+    """The action part of an entry for datasets our `collect` writes: names and bounds from the env's interface."""
+    act = action_interface(family)
+    return {"action": "action", "action_names": list(act.names), "action_low": list(act.low),
+            "action_high": list(act.high)}
+
+
 BUILTIN: dict[str, dict[str, Any]] = {
     "tabletop": {
         "description": "our MuJoCo tabletop suite, written by `collect`",
         "match_env": ["tabletop"], "cameras": ["observation/image"], "instruction": "observation/instruction",
-        "proprio": "observation/state", "action": "action", "action_names": _TABLETOP_NAMES,
-        "action_low": [-1, -1, -1, -1, 0], "action_high": [1, 1, 1, 1, 1],
+        "proprio": "observation/state", **_ours("tabletop"),
     },
     "metaworld": {
-        "description": "Meta-World tasks written by `collect --env metaworld` (4-d action in [-1, 1])",
-        "match_env": ["metaworld"], "cameras": ["observation/image"], "instruction": "observation/instruction",
-        "proprio": "observation/state", "action": "action",
-        "action_names": ["delta_x", "delta_y", "delta_z", "gripper"],
-        "action_low": [-1, -1, -1, -1], "action_high": [1, 1, 1, 1],
+        "description": "Meta-World tasks written by `collect --env metaworld-mt10|mt50` (our 5-d action: "
+                       "Meta-World's 4 and terminate)",
+        "match_env": ["metaworld-mt10", "metaworld-mt50"], "cameras": ["observation/image"], "instruction": "observation/instruction",
+        "proprio": "observation/state", **_ours("metaworld"),
     },
     "bridge": {
         "description": "BridgeData V2 (WidowX) in Open X-Embodiment RLDS",
@@ -334,7 +340,8 @@ def select(value: str | Standardization, dataset_name: str, sidecar: Mapping[str
 
 def from_keys(camera: str, instruction: str, proprio: str | None, action: str = "action",
               base: Standardization | None = None) -> Standardization:
-    """An ad-hoc entry from explicit keys (the DataKeys of older call sites)."""
+    """An ad-hoc entry from explicit keys (our own datasets read with data.camera / proprio_key / instruction_key:
+    datasets/training_inputs.config_keys_entry)."""
     names = base.action_names if base and base.action == action and not base.action_fields else None
     low = base.action_low if names else None
     high = base.action_high if names else None

@@ -1,26 +1,31 @@
 """One call from a config to everything training reads: datasets, statistics, instructions, torch batches.
 
     inputs = open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=cfg.train.seed)
-    batch = next(inputs.batches)   # image [B,T,H,W,3] uint8, action [B,T,A], mask [B,T] bool,
-                                   # instruction [B] (index into inputs.instructions), proprio [B,T,P]
-                                   # (if used), instruction_embedding [B,E] (if every dataset has one)
+    batch = next(inputs.batches())  # image [B,T,H,W,3] uint8, action [B,T,A], mask [B,T] bool,
+                                    # instruction [B] (index into inputs.instructions), proprio [B,T,P]
+                                    # (if used), instruction_embedding [B,E] (if every dataset has one)
 
 Each rank reads a disjoint share of every dataset's episodes (pass the SAME seed on every rank: the shards
 are cut from the seeded file order); for a given seed the batch stream is the
-same on every run, so a resumed run that skips the batches it has seen continues exactly.
+same on every run, so a resumed run that skips the batches it has seen (`inputs.batches(skip)`) continues
+exactly.
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from datasets.rlds_loader import DataKeys, DatasetError, RLDSDataset, SequenceSpec, TorchBatches, make_sequences
+from datasets.rlds_dataset import RLDSDataset
+from datasets.sequences import SequenceSpec, make_sequences
+from datasets.source import DatasetError, DatasetSource, has_sidecar, open_source
+from datasets.standardize import Standardization, StandardizationError, from_keys, select
 from datasets.tf_setup import tf
+from datasets.torch_batches import TorchBatches
 
 _DEFAULT_CAMERA = "observation/image"
 CACHE_BUDGET_BYTES = 4 * 2**30  # decoded frames held by data.cache_in_memory, per process
@@ -28,14 +33,26 @@ CACHE_BUDGET_BYTES = 4 * 2**30  # decoded frames held by data.cache_in_memory, p
 
 @dataclass
 class TrainingInputs:
+    """What training reads from the data layer: the opened datasets (keys, shapes, action statistics), the
+    instruction list that batch["instruction"] indexes, and this rank's batch stream (`batches(skip)`)."""
     dataset: RLDSDataset  # the first (or only) dataset: shapes, action names, sidecar
-    datasets: list[RLDSDataset]
+    datasets: list[RLDSDataset]  # every dataset of the mixture (the first included): the config must fit each
     weights: list[float]
     scan: dict[str, Any]  # action_stats, max_episode_length, num_transitions, ... (pooled over a mixture)
     instructions: list[str]  # batch["instruction"] indexes this list
-    batches: Iterator[dict[str, torch.Tensor]]
     sequence: SequenceSpec
+    batch_size: int  # sequences per torch batch (training: this rank's micro-batch)
     action_names: list[str] = field(default_factory=list)
+    _stream: Callable[[], TorchBatches] | None = field(default=None, repr=False)  # builds the pipeline afresh
+    _built: TorchBatches | None = field(default=None, repr=False)  # the one built at open, not yet handed out
+
+    def batches(self, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """A fresh stream of this rank's torch batches, starting after `skip` batches of the seeded stream
+        (exact resume: the pipeline is rebuilt from its seeds, never an iterator already read from)."""
+        stream, self._built = (self._built, None) if self._built is not None else (self._stream(), None)
+        if skip:
+            stream.ds = stream.ds.skip(skip)
+        return iter(stream)
 
     @property
     def action_dim(self) -> int:
@@ -47,32 +64,33 @@ class TrainingInputs:
 
     @property
     def embedding_dim(self) -> int:
+        """0 when some dataset ships no precomputed instruction embedding."""
         return min(d.embedding_dim for d in self.datasets)
-
-    def tokenizer(self, cfg: Any, out_path: str | Path | None = None) -> Path:
-        """The sentencepiece model for these instructions (data.sentencepiece_model, or trained and cached)."""
-        from datasets.tokenizer_cache import sentencepiece_model
-
-        return sentencepiece_model(self.instructions, cfg.model.language.vocab_size,
-                                   cfg.data.sentencepiece_model, out_path)
 
 
 def open_dataset(cfg: Any, path: str | Path, standardization: str = "auto") -> RLDSDataset:
-    """Our own datasets (with a `collect` sidecar) read through the config's explicit keys under 'auto';
-    any other dataset through its standardisation entry."""
+    """Our own datasets (with a `collect` sidecar) read through the config's keys (data.camera,
+    data.proprio_key, data.instruction_key) under 'auto'; any other dataset through its standardisation entry."""
     d = cfg.data
     use_proprio = bool(cfg.model.use_proprio)
-    if standardization == "auto" and _has_sidecar(path):
-        return RLDSDataset(path, DataKeys(d.camera, d.proprio_key if use_proprio else None, d.instruction_key),
-                           use_proprio=use_proprio)
+    if standardization == "auto":
+        src = open_source(path)
+        if has_sidecar(src.dir):
+            entry = config_keys_entry(src, d.camera, d.instruction_key, d.proprio_key if use_proprio else None)
+            return RLDSDataset(src, standardization=entry, use_proprio=use_proprio)
+        path = src
     camera = None if d.camera == _DEFAULT_CAMERA else d.camera
     return RLDSDataset(path, standardization=standardization, camera=camera, use_proprio=use_proprio)
 
 
-def _has_sidecar(path: str | Path) -> bool:
-    from datasets.rlds_loader import SIDECAR, resolve_dataset_dir
-
-    return tf.io.gfile.exists(f"{resolve_dataset_dir(path)}/{SIDECAR}")
+def config_keys_entry(src: DatasetSource, camera: str, instruction: str, proprio: str | None) -> Standardization:
+    """The entry for explicit step keys: those keys, with the action names and bounds of the entry 'auto'
+    selects for the dataset where its action is the same vector (else none: the sidecar's, or a0, a1, ...)."""
+    try:
+        base = select("auto", src.name, src.sidecar, src.step_keys, f"dataset {src.dir!r}")
+    except StandardizationError:
+        base = None  # a layout no entry knows: the explicit keys alone
+    return from_keys(camera, instruction, proprio, "action", base)
 
 
 def pooled_scan(scans: list[dict[str, Any]]) -> dict[str, Any]:
@@ -109,10 +127,9 @@ def check_data_source(cfg: Any, data_path: str | Path | None) -> None:
 
 
 def open_training_inputs(cfg: Any, data_path: str | Path | None, *, rank: int = 0, world_size: int = 1,
-                         seed: int = 0, repeat: bool = True, batch_size: int | None = None,
-                         skip_batches: int = 0) -> TrainingInputs:
+                         seed: int = 0, repeat: bool = True, batch_size: int | None = None) -> TrainingInputs:
     """`batch_size`: sequences per torch batch (default cfg.train.batch_size; training passes its per-rank
-    micro-batch). `skip_batches`: start after that many batches of the seeded stream (exact resume)."""
+    micro-batch). `repeat`: an endless stream of full batches, else one pass (the last batch may be short)."""
     d = cfg.data
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank/world_size: expected 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -145,19 +162,21 @@ def open_training_inputs(cfg: Any, data_path: str | Path | None, *, rank: int = 
                           f"(> {CACHE_BUDGET_BYTES / 2**30:.0f} GiB); streaming from disk instead", stacklevel=2)
             cache = False
     with_embedding = all(ds.embedding_dim for ds in datasets) and len({ds.embedding_dim for ds in datasets}) == 1
-    seqs = []
-    for i, ds in enumerate(datasets):
-        s = make_sequences(ds, spec, ids, shuffle=True, seed=seed + 1000 * i, cache=cache,
-                           shuffle_buffer=d.shuffle_buffer, shard=(rank, world_size))
-        if not with_embedding and ds.embedding_dim:
-            s = s.map(lambda el: {k: v for k, v in el.items() if k != "instruction_embedding"})
-        seqs.append(s.repeat() if len(datasets) > 1 else s)
     weights = [w for _, w, _ in sources]
     total = sum(weights)
     weights = [w / total for w in weights]
-    mixed = seqs[0] if len(seqs) == 1 else tf.data.Dataset.sample_from_datasets(seqs, weights, seed=seed)
-    stream = TorchBatches(mixed, batch_size or cfg.train.batch_size, repeat=repeat)
-    if skip_batches:
-        stream.ds = stream.ds.skip(skip_batches)
-    batches = iter(stream)
-    return TrainingInputs(first, datasets, weights, scan, instructions, batches, spec, list(first.action_names))
+    batch_size = batch_size or cfg.train.batch_size
+
+    def stream() -> TorchBatches:
+        seqs = []
+        for i, ds in enumerate(datasets):
+            s = make_sequences(ds, spec, ids, shuffle=True, seed=seed + 1000 * i, cache=cache,
+                               shuffle_buffer=d.shuffle_buffer, shard=(rank, world_size))
+            if not with_embedding and ds.embedding_dim:
+                s = s.map(lambda el: {k: v for k, v in el.items() if k != "instruction_embedding"})
+            seqs.append(s.repeat() if len(datasets) > 1 else s)
+        mixed = seqs[0] if len(seqs) == 1 else tf.data.Dataset.sample_from_datasets(seqs, weights, seed=seed)
+        return TorchBatches(mixed, batch_size, repeat=repeat)
+
+    return TrainingInputs(first, datasets, weights, scan, instructions, spec, batch_size, list(first.action_names),
+                          _stream=stream, _built=stream())

@@ -16,6 +16,8 @@ from typing import Any, Sequence  # noqa: E402
 
 import gymnasium  # noqa: E402
 
+from common.action_interface import ACTION_NAMES, action_interface  # noqa: E402
+
 from envs.gym_wrapper import DmEnvGymWrapper, TabletopGymEnv  # noqa: E402
 from envs.tabletop import TabletopEnv  # noqa: E402
 from envs.tasks import TASKS  # noqa: E402
@@ -26,13 +28,6 @@ _BENCHMARK = {"metaworld-mt10": "MT10", "metaworld-mt50": "MT50"}
 DEFAULT_CAMERAS = {"tabletop": "front", "metaworld": "corner2"}
 # The tabletop state spec is unbounded; the gripper stays within a metre of the table centre, opening in [0, 1].
 TABLETOP_STATE_BOUNDS = ([-1, -1, -1, 0], [1, 1, 1, 1])
-ACTION_NAMES: tuple[str, ...] = (
-    "world_vector_x",
-    "world_vector_y",
-    "world_vector_z",
-    "gripper_closedness",
-    "terminate_episode",
-)
 
 
 def _check_name(name: str) -> None:
@@ -51,9 +46,8 @@ def default_camera(name: str) -> str:
 
 
 def action_names(name: str) -> tuple[str, ...]:
-    """Names of the 5 action dimensions (the same layout for every env)."""
-    _check_name(name)
-    return ACTION_NAMES
+    """Names of the env's action dimensions (common.action_interface; the same 5 for every env)."""
+    return action_interface(env_family(name)).names
 
 
 def list_tasks(name: str = "tabletop") -> dict[str, list[str]]:

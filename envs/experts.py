@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 import dm_env
 import numpy as np
 
-from envs.scene import BLOCK_HALF, MAX_DELTA, TRAY_FLOOR_TOP
+from envs.scene import BLOCK_HALF, DIRECTIONS, GO_STEP, MAX_DELTA, TRAY_FLOOR_TOP
 
 if TYPE_CHECKING:
     from envs.tabletop import TabletopEnv
@@ -202,7 +202,6 @@ class PushExpert(WaypointExpert):
     BEHIND = 0.075  # tcp starts this far behind the object centre (closed pads are 1 cm thick)
 
     def waypoints(self) -> list[Waypoint]:
-        from envs.tasks import DIRECTIONS
 
         d = np.array([*DIRECTIONS[self.env.episode.direction or "forward"], 0.0])
         # Sideways pushes use the closed fingers' narrow (2 cm) edge: start closer and push slower,
@@ -302,7 +301,6 @@ class CueTouchExpert(WaypointExpert):
     """Holds still until the go light, then touches the object whose colour the cue showed."""
 
     def waypoints(self) -> list[Waypoint]:
-        from envs.tasks import GO_STEP
 
         return [
             Waypoint(_here, OPEN, tol=1.0, wait=GO_STEP, hold=True),

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import warnings
 from functools import lru_cache
 from importlib.metadata import version
@@ -30,9 +29,11 @@ import dm_env
 import mujoco
 import numpy as np
 from dm_env import specs
-from envs.action_space import ACTION_MAX, ACTION_MIN, validate_action
-from envs.render_lifetime import own_renderer
 from metaworld.policies import ENV_POLICY_MAP, SawyerDoorOpenV3Policy, SawyerPegInsertionSideV3Policy
+
+from common.action_interface import ACTION_MAX, ACTION_MIN, validate_action
+from common.atomic import atomic_output
+from envs.render_lifetime import own_renderer
 
 BENCHMARKS = ("MT10", "MT50")
 BENCHMARK_SEED = 0
@@ -177,10 +178,9 @@ def benchmark_goals(benchmark: str) -> dict[str, np.ndarray]:
         goals.setdefault(t.env_name.removesuffix("-v3"), []).append(pickle.loads(t.data)["rand_vec"])
     out = {k: np.stack(v) for k, v in goals.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")  # atomic: parallel workers may race here
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **out)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:  # parallel workers may race here: each renames a whole file
+        with open(tmp, "wb") as f:
+            np.savez(f, **out)
     return out
 
 

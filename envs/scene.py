@@ -25,6 +25,15 @@ RGB: dict[str, tuple[float, float, float]] = {
 OBJECTS: tuple[str, ...] = ("cube_a", "cube_b", "cylinder")
 SHAPES: dict[str, str] = {"cube_a": "cube", "cube_b": "cube", "cylinder": "cylinder"}
 PADS: tuple[str, ...] = ("pad_a", "pad_b")
+# Push and slide directions in table coordinates (x, y).
+DIRECTIONS: dict[str, np.ndarray] = {
+    "forward": np.array([0.0, 1.0]),  # away from the front camera
+    "left": np.array([-1.0, 0.0]),
+    "right": np.array([1.0, 0.0]),
+}
+# Memory tasks: the control step at which the lamp turns white ("go"); envs/tasks.py has the rest of
+# the timing (CUE_STEPS, HOLD_STEPS).
+GO_STEP = 12
 
 BLOCK_HALF = 0.02  # 4 cm cubes; the cylinder has radius and half-height BLOCK_HALF too
 PAD_HALF = 0.045

@@ -8,7 +8,6 @@ position servos track them over SUBSTEPS physics steps.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import dm_env
@@ -16,7 +15,7 @@ import mujoco
 import numpy as np
 from dm_env import specs
 
-from envs.action_space import ACTION_MAX, ACTION_MIN, ACTION_SPEC_TEXT, validate_action
+from common.action_interface import ACTION_MAX, ACTION_MIN, ACTION_SPEC_TEXT, validate_action
 from envs.ik import DampedLeastSquaresIK
 from envs.render_lifetime import own_renderer
 from envs.scene import (
@@ -452,56 +451,3 @@ def _make_renderer(model: mujoco.MjModel, size: int) -> mujoco.Renderer:
             "the EGL/Mesa libraries, e.g. `apt-get install libegl1 libgl1-mesa-dri`; or use MUJOCO_GL=osmesa "
             f"with `apt-get install libosmesa6`. Or pass render=False. Original error: {e!r}"
         ) from e
-
-
-def benchmark_env(task: str = "lift", steps: int = 1000, render: bool = False, image_size: int = 64) -> dict:
-    """Control steps per second with random actions (episodes reset as they end).
-
-    Also reports CPU seconds of this process (all its threads, llvmpipe's included): on a shared
-    machine wall-clock rates swing with other jobs, CPU-time rates much less.
-    """
-    env = TabletopEnv(task, image_size=image_size, seed=0, render=render)
-    try:
-        rng = np.random.default_rng(0)
-        actions = rng.uniform(ACTION_MIN, ACTION_MAX, size=(steps, 5)).astype(np.float32)
-        actions[:, 4] = 0.0  # never terminate early, so resets stay rare
-        env.reset(seed=0)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for a in actions:
-            env.step(a)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    finally:
-        env.close()
-    return {
-        "task": task,
-        "steps": steps,
-        "render": render,
-        "image_size": image_size,
-        "seconds": seconds,
-        "steps_per_s": steps / seconds,
-        "cpu_seconds": cpu_seconds,
-        "steps_per_cpu_s": steps / max(cpu_seconds, 1e-9),
-    }
-
-
-def benchmark_render(image_size: int = 96, frames: int = 500, camera: str = "front", task: str = "lift") -> dict:
-    """Rendered frames per second (render only, scene fixed after one reset)."""
-    env = TabletopEnv(task, image_size=image_size, camera=camera, seed=0, render=True)
-    try:
-        env.reset(seed=0)
-        env.render()  # warm-up: first frame allocates buffers
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for _ in range(frames):
-            env.render()
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    finally:
-        env.close()
-    return {
-        "camera": camera,
-        "image_size": image_size,
-        "frames": frames,
-        "seconds": seconds,
-        "frames_per_s": frames / seconds,
-        "cpu_seconds": cpu_seconds,
-        "frames_per_cpu_s": frames / max(cpu_seconds, 1e-9),
-    }

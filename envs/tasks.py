@@ -18,8 +18,10 @@ import numpy as np
 from envs import experts
 from envs.scene import (
     BLOCK_HALF,
+    DIRECTIONS,
     DRAWER_KEEPOUT_HIGH,
     DRAWER_KEEPOUT_LOW,
+    GO_STEP,
     LAMP_DARK,
     OBJECTS,
     PAD_HALF,
@@ -37,17 +39,12 @@ REACH_RADIUS = 0.03
 TOUCH_RADIUS = 0.035  # cue_touch: tcp this close to an object centre (or a finger contact) touches it
 LIFT_HEIGHT = 0.05
 PUSH_DISTANCE = 0.08
-DIRECTIONS: dict[str, np.ndarray] = {
-    "forward": np.array([0.0, 1.0]),  # away from the front camera
-    "left": np.array([-1.0, 0.0]),
-    "right": np.array([1.0, 0.0]),
-}
 LAMP_WHITE = (1.0, 1.0, 1.0)
 # Memory-task timing (control steps). cue_touch: the cue is lit in observations 0..CUE_STEPS-1,
 # dark until GO_STEP, then white ("go"); touching anything before GO_STEP fails the episode.
 # At GO_STEP the newest 6 frames (GO_STEP-5..GO_STEP) all show a dark or white lamp and a still arm.
 CUE_STEPS = 3
-GO_STEP = 12
+# GO_STEP lives in envs/scene.py with DIRECTIONS: the experts need both, and tasks imports the experts.
 # put_back: the lamp turns white once the object was held over the tray for HOLD_STEPS steps.
 HOLD_STEPS = 8
 PUT_BACK_RADIUS = 0.03

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from policy.fsutil import fsync_dir, swap_in, write_text_atomic
+from common.atomic import fsync_dir, swap_in, write_text_atomic
 
 STATE_FILE = "train_state.pt"
 RUN_FILE = "run.json"

@@ -3,13 +3,19 @@
 Configs are dataclasses. YAML files in configs/ and `key=value` overrides from the command line are
 merged onto them with OmegaConf structured configs, so an unknown key or a wrongly typed value fails
 at load time with the key named.
+
+This module is the ground floor of the policy package: it imports no model module. Every allowed value
+(backbone names, controller types, memory modes, ...) and every rule that needs only config values is
+written here once, next to its dataclass (`validate` methods, called by `validate_config`); model
+constructors keep only the checks that need built shapes. The model registries (policy/backbones,
+policy/controllers) check at import that their names are the allowed names listed here.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -19,10 +25,46 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the field, what was expected and what came."""
 
 
+def _require(cond: bool, field_name: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: expected {expected}, got {got!r}")
+
+
+# --- allowed values that need no rule table -----------------------------------------------------
+
+MEMORY_MODES = ("TL", "TL-MHA", "TL-AddErase")  # ttm read/write
+PROCESS_UNITS = ("transformer", "mixer", "mlp")  # ttm process unit
+FEED_FORWARD = ("auto", "dense", "mlp")  # rt1, causal_transformer
+# ViTTM read/write heads, fusions, output streams (policy/backbones/vittm.py).
+RW_HEADS = ("linear", "attention", "tokenlearner")
+FUSIONS = ("add", "erase", "add_erase")
+OUTPUT_STREAMS = ("memory", "process", "both")
+# ViT size presets, name: (width, depth, heads) (policy/backbones/vit.py).
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (128, 4, 4),
+    "s": (384, 12, 6),
+    "b": (768, 12, 12),
+}
+# EfficientNet variants (their stage tables: policy/backbones/film_efficientnet.py, checked to match).
+EFFICIENTNET_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "quickstart")
+# PolicyModel's top-level modules / parameters (what train.init_modules names); image_pos, proprio and
+# instruction exist only when their config switch is on.
+MODULE_NAMES = ("text", "backbone", "token_learner", "image_pos", "proprio", "instruction", "controller", "head")
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    width: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+
+
 @dataclass
 class ImageEncoderConfig:
     # "efficientnet": FiLM-conditioned EfficientNet (RT-1's image tokenizer). "vittm": FiLM-conditioned
-    # Vision Token Turing Machine (policy/vittm.py). "vit": a plain FiLM-conditioned ViT (policy/vit.py).
+    # Vision Token Turing Machine (policy/backbones/vittm.py). "vit": a plain FiLM-conditioned ViT
+    # (policy/backbones/vit.py).
     backbone: str = "efficientnet"
     # EfficientNet compound scaling; b0..b7 are the published variants. "quickstart" is a narrow,
     # shallow member of the same family for CPU training.
@@ -62,6 +104,34 @@ class ImageEncoderConfig:
     # or "both" (concatenated).
     output_stream: str = "memory"
 
+    def vit_spec(self) -> ViTSpec:
+        """The vit_size preset with the explicit vit_width / vit_depth / vit_heads overrides applied."""
+        width, depth, heads = VIT_SIZES[self.vit_size]
+        return ViTSpec(self.vit_width or width, self.vit_depth or depth, self.vit_heads or heads, self.vit_mlp_ratio)
+
+    def plain_vit_patch(self) -> int:
+        """The plain ViT's patch: vit_patch, 0 = memory_patch."""
+        return self.vit_patch or self.memory_patch
+
+    def patch_tokens(self, patch: int) -> int:
+        """Tokens of a patch embedding: (image_size / patch)^2."""
+        return (self.image_size // patch) ** 2
+
+    def validate(self) -> None:
+        f = "model.image."
+        _require(self.backbone in BACKBONES, f + "backbone", f"one of {list(BACKBONES)}", self.backbone)
+        _require(self.image_size >= 16, f + "image_size", ">= 16", self.image_size)
+        _require(self.num_tokens >= 1, f + "num_tokens", ">= 1", self.num_tokens)
+        _require(self.token_dim >= 8, f + "token_dim", ">= 8", self.token_dim)
+        positions = self.output_tokens()
+        if positions is not None:  # otherwise known once the backbone is built (PolicyModel checks it)
+            check_num_tokens(self, positions)
+
+    def output_tokens(self) -> int | None:
+        """Checks the backbone's own fields; returns its output tokens per frame where the config alone
+        determines them (patch grids), None where they are known once built (conv strides)."""
+        return _BACKBONE_RULES[self.backbone](self)
+
 
 @dataclass
 class LanguageConfig:
@@ -78,13 +148,27 @@ class LanguageConfig:
     heads: int = 4
     context_dim: int = 128  # the FiLM context width (RT-1 uses 512)
 
+    def validate(self) -> None:
+        f = "model.language."
+        _require(self.source in ("sentencepiece", "embedding"), f + "source", "'sentencepiece' or 'embedding'",
+                 self.source)
+        _require(self.vocab_size >= 8, f + "vocab_size", ">= 8", self.vocab_size)
+        _require(self.context_dim >= 1, f + "context_dim", ">= 1", self.context_dim)
+        if self.source == "embedding":
+            return
+        _require(self.width >= 1, f + "width", ">= 1", self.width)
+        _require(self.layers >= 1, f + "layers", ">= 1", self.layers)
+        _require(self.max_tokens >= 1, f + "max_tokens", ">= 1", self.max_tokens)
+        _require(self.heads >= 1 and self.width % max(self.heads, 1) == 0, f + "heads",
+                 f"a divisor of model.language.width ({self.width})", self.heads)
+
 
 @dataclass
 class ControllerConfig:
-    # "ttm": Token Turing Machine memory controller (policy/ttm.py). "rt1": RT-1's transformer over a window
+    # "ttm": Token Turing Machine memory controller (policy/controllers/ttm.py). "rt1": RT-1's transformer over a window
     # of the last `window` frames, all action tokens in one pass. "causal_transformer": causal transformer
     # over the whole episode (KV cache at inference). "lstm": LSTM over each step's flattened tokens.
-    # (policy/controllers.py; docs/MODELS.md). layers, heads, mlp_dim, dropout apply to every type.
+    # (policy/controllers/; docs/MODELS.md). layers, heads, mlp_dim, dropout apply to every type.
     type: str = "ttm"
     memory_tokens: int = 16  # m (ttm)
     read_tokens: int = 8  # r: output tokens per step (ttm, causal_transformer, lstm; rt1 outputs one per action dim)
@@ -121,6 +205,26 @@ class ControllerConfig:
     # Dense(mlp_dim) GELU Dense(width); "auto" = dense for rt1 (the reference), mlp otherwise.
     feed_forward: str = "auto"
 
+    def feed_forward_style(self) -> str:
+        """"dense" or "mlp": feed_forward with "auto" resolved for the type."""
+        if self.feed_forward == "auto":
+            return CONTROLLER_RULES[self.type].auto_feed_forward
+        return self.feed_forward
+
+    def validate(self, token_dim: int) -> None:
+        """The rules every type shares, then the type's own (CONTROLLER_RULES); token_dim: the input width."""
+        f = "model.controller."
+        _require(self.type in CONTROLLER_TYPES, f + "type", f"one of {list(CONTROLLER_TYPES)}", self.type)
+        _require(self.memory_tokens >= 1, f + "memory_tokens", ">= 1", self.memory_tokens)
+        _require(self.read_tokens >= 1, f + "read_tokens", ">= 1", self.read_tokens)
+        _require(self.memory_mode in MEMORY_MODES, f + "memory_mode", f"one of {list(MEMORY_MODES)}", self.memory_mode)
+        _require(self.process_unit in PROCESS_UNITS, f + "process_unit", f"one of {list(PROCESS_UNITS)}",
+                 self.process_unit)
+        _require(self.layers >= 1, f + "layers", ">= 1", self.layers)
+        _require(0.0 <= self.dropout < 1.0, f + "dropout", "a value in [0, 1)", self.dropout)
+        _require(self.memory_horizon >= 0, f + "memory_horizon", ">= 0", self.memory_horizon)
+        CONTROLLER_RULES[self.type].check(self, token_dim)
+
 
 @dataclass
 class ModelConfig:
@@ -136,6 +240,14 @@ class ModelConfig:
     # How a step's action is read from the bin logits: "argmax" (RT-1) or "expectation" (the mean bin
     # under the softmax; smoother when the distribution is trained with label smoothing).
     action_decoding: str = "argmax"
+
+    def validate(self) -> None:
+        self.image.validate()
+        self.language.validate()
+        self.controller.validate(self.image.token_dim)
+        _require(self.action_bins >= 2, "model.action_bins", ">= 2", self.action_bins)
+        _require(self.action_decoding in ("argmax", "expectation"), "model.action_decoding",
+                 "'argmax' or 'expectation'", self.action_decoding)
 
 
 @dataclass
@@ -174,6 +286,38 @@ class DataConfig:
     # would move). RT-1 pads and random-crops; 0 turns it off. The torch-side twin of crop_pad (which
     # reflects instead of edge-padding); at most one of them may be on.
     random_shift: int = 0
+
+    def validate(self) -> None:
+        _require(self.sequence in ("episode", "window"), "data.sequence", "'episode' or 'window'", self.sequence)
+        _require(self.sequence_length >= 1, "data.sequence_length", ">= 1", self.sequence_length)
+        _require(self.random_shift >= 0, "data.random_shift", ">= 0", self.random_shift)
+        _require(self.crop_pad >= 0, "data.crop_pad", ">= 0 pixels", self.crop_pad)
+        # Two shift augmentations stacked would double the shift range unnoticed.
+        _require(not (self.crop_pad and self.random_shift), "data.crop_pad",
+                 f"0 when data.random_shift is on ({self.random_shift}; one shift augmentation at a time)",
+                 self.crop_pad)
+        _require(self.parallel_calls == -1 or self.parallel_calls >= 1, "data.parallel_calls",
+                 "-1 (AUTOTUNE) or >= 1", self.parallel_calls)
+        _require(self.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1 episodes", self.shuffle_buffer)
+        _check_standardization(self.standardization, "data.standardization")
+        for i, entry in enumerate(self.mixture):
+            _require(bool(entry.path), f"data.mixture[{i}].path", "a dataset directory", entry.path)
+            _require(math.isfinite(entry.weight) and entry.weight > 0, f"data.mixture[{i}].weight",
+                     "a finite number > 0", entry.weight)
+            _check_standardization(entry.standardization, f"data.mixture[{i}].standardization")
+        _require(self.action_bounds in ("dataset", "spec"), "data.action_bounds", "'dataset' or 'spec'",
+                 self.action_bounds)
+        if self.action_bounds == "spec":
+            _require(len(self.action_low) == len(self.action_high) > 0, "data.action_low/action_high",
+                     "two lists of equal, non-zero length", (self.action_low, self.action_high))
+            for i, (lo, hi) in enumerate(zip(self.action_low, self.action_high)):
+                # low >= high collapses every action of that dimension into one bin
+                _require(math.isfinite(lo) and math.isfinite(hi) and lo < hi,
+                         f"data.action_low[{i}] / data.action_high[{i}]", "finite bounds with low < high", (lo, hi))
+        else:  # bounds given but ignored would silently train on the dataset's min/max instead
+            _require(not self.action_low and not self.action_high, "data.action_low/action_high",
+                     "empty unless data.action_bounds is 'spec' (data.action_bounds is "
+                     f"{self.action_bounds!r})", (self.action_low, self.action_high))
 
 
 @dataclass
@@ -223,6 +367,32 @@ class TrainConfig:
     eval_episodes: int = 5
     eval_videos: int = 1
 
+    def validate(self) -> None:
+        _require(self.steps >= 1, "train.steps", ">= 1", self.steps)
+        _require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
+        _require(self.lr > 0, "train.lr", "> 0", self.lr)
+        _require(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        # <= 0 would zero the gradients (0) or flip them into gradient ascent (< 0)
+        _require(self.grad_clip > 0, "train.grad_clip", "a gradient-norm bound > 0", self.grad_clip)
+        _require(self.log_every >= 1, "train.log_every", ">= 1 steps", self.log_every)
+        _require(self.num_threads >= 0, "train.num_threads", ">= 0 (0 = torch's default)", self.num_threads)
+        _require(self.label_sigma >= 0, "train.label_sigma", ">= 0", self.label_sigma)
+        _require(self.optimizer in ("adamw", "adam"), "train.optimizer", "'adamw' or 'adam'", self.optimizer)
+        _require(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
+        _require(self.batch_size % self.grad_accum == 0, "train.batch_size",
+                 f"a multiple of train.grad_accum ({self.grad_accum})", self.batch_size)
+        _require(self.max_bad_steps >= 1, "train.max_bad_steps", ">= 1", self.max_bad_steps)
+        _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "in [0, 1)", self.ema_decay)
+        _require(self.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'", self.device)
+        _require(self.autocast in ("auto", "bf16", "off"), "train.autocast", "'auto', 'bf16' or 'off'", self.autocast)
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        _require(self.eval_every >= 0, "train.eval_every", ">= 0", self.eval_every)
+        _require(self.eval_episodes >= 1, "train.eval_episodes", ">= 1", self.eval_episodes)
+        _require(self.save_every >= 0, "train.save_every", ">= 0", self.save_every)
+        _require(self.warmup_steps >= 0, "train.warmup_steps", ">= 0", self.warmup_steps)
+        unknown = [n for n in self.init_modules if n not in MODULE_NAMES]
+        _require(not unknown, "train.init_modules", f"names from {list(MODULE_NAMES)}", unknown)
+
 
 @dataclass
 class ExperimentConfig:
@@ -230,6 +400,21 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        c, d = self.model.controller, self.data
+        if not CONTROLLER_RULES[c.type].memory_horizon:
+            pass  # e.g. rt1: its history is model.controller.window; memory_horizon does not apply
+        elif d.sequence == "window":
+            _require(c.memory_horizon == d.sequence_length, "model.controller.memory_horizon",
+                     f"= data.sequence_length ({d.sequence_length}) when training on windows, so that inference "
+                     "rebuilds the state from as many frames as training did", c.memory_horizon)
+        else:
+            _require(c.memory_horizon == 0, "model.controller.memory_horizon",
+                     "0 when training unrolls whole episodes (data.sequence: episode)", c.memory_horizon)
+        self.train.validate()
 
 
 def _structured(cfg: Any) -> Any:
@@ -276,113 +461,10 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
-def _require(cond: bool, field_name: str, expected: str, got: Any) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: expected {expected}, got {got!r}")
-
 
 def validate_config(cfg: ExperimentConfig) -> None:
-    """Semantic checks that types alone cannot express."""
-    m = cfg.model
-    _require(m.image.backbone in ("efficientnet", "vittm", "vit"), "model.image.backbone",
-             "one of ['efficientnet', 'vittm', 'vit']", m.image.backbone)
-    _require(m.image.image_size >= 16, "model.image.image_size", ">= 16", m.image.image_size)
-    _require(m.image.num_tokens >= 1, "model.image.num_tokens", ">= 1", m.image.num_tokens)
-    _require(m.image.token_dim >= 8, "model.image.token_dim", ">= 8", m.image.token_dim)
-    if m.image.backbone in ("vittm", "vit"):
-        from policy.vittm import check_image_config  # imports this module
-
-        check_image_config(m.image)
-    else:  # the variant table; otherwise an unknown variant fails only when the model is built
-        from policy.film_efficientnet import resolve_variant  # imports this module
-
-        resolve_variant(m.image)
-    _require(m.language.source in ("sentencepiece", "embedding"), "model.language.source",
-             "'sentencepiece' or 'embedding'", m.language.source)
-    _require(m.language.vocab_size >= 8, "model.language.vocab_size", ">= 8", m.language.vocab_size)
-    from policy.text_encoder import check_language_config  # imports this module
-
-    check_language_config(m.language)
-    c = m.controller
-    from policy.controllers import check_controller_config  # imports this module
-
-    check_controller_config(c, m.image.token_dim)
-    _require(c.memory_tokens >= 1, "model.controller.memory_tokens", ">= 1", c.memory_tokens)
-    _require(c.read_tokens >= 1, "model.controller.read_tokens", ">= 1", c.read_tokens)
-    _require(c.memory_mode in ("TL", "TL-MHA", "TL-AddErase"), "model.controller.memory_mode",
-             "one of ['TL', 'TL-MHA', 'TL-AddErase']", c.memory_mode)
-    _require(c.process_unit in ("transformer", "mixer", "mlp"), "model.controller.process_unit",
-             "one of ['transformer', 'mixer', 'mlp']", c.process_unit)
-    _require(c.layers >= 1, "model.controller.layers", ">= 1", c.layers)
-    _require(m.action_bins >= 2, "model.action_bins", ">= 2", m.action_bins)
-    _require(m.action_decoding in ("argmax", "expectation"), "model.action_decoding",
-             "'argmax' or 'expectation'", m.action_decoding)
-    d = cfg.data
-    _require(d.sequence in ("episode", "window"), "data.sequence", "'episode' or 'window'", d.sequence)
-    _require(d.sequence_length >= 1, "data.sequence_length", ">= 1", d.sequence_length)
-    _require(d.random_shift >= 0, "data.random_shift", ">= 0", d.random_shift)
-    _require(d.crop_pad >= 0, "data.crop_pad", ">= 0 pixels", d.crop_pad)
-    # Two shift augmentations stacked would double the shift range unnoticed.
-    _require(not (d.crop_pad and d.random_shift), "data.crop_pad",
-             f"0 when data.random_shift is on ({d.random_shift}; one shift augmentation at a time)", d.crop_pad)
-    _require(d.parallel_calls == -1 or d.parallel_calls >= 1, "data.parallel_calls", "-1 (AUTOTUNE) or >= 1",
-             d.parallel_calls)
-    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", ">= 1 episodes", d.shuffle_buffer)
-    _check_standardization(d.standardization, "data.standardization")
-    for i, entry in enumerate(d.mixture):
-        _require(bool(entry.path), f"data.mixture[{i}].path", "a dataset directory", entry.path)
-        _require(math.isfinite(entry.weight) and entry.weight > 0, f"data.mixture[{i}].weight", "a finite number > 0",
-                 entry.weight)
-        _check_standardization(entry.standardization, f"data.mixture[{i}].standardization")
-    _require(c.memory_horizon >= 0, "model.controller.memory_horizon", ">= 0", c.memory_horizon)
-    if c.type == "rt1":
-        pass  # rt1's history is model.controller.window; memory_horizon does not apply
-    elif d.sequence == "window":
-        _require(c.memory_horizon == d.sequence_length, "model.controller.memory_horizon",
-                 f"= data.sequence_length ({d.sequence_length}) when training on windows, so that inference "
-                 "rebuilds the state from as many frames as training did", c.memory_horizon)
-    else:
-        _require(c.memory_horizon == 0, "model.controller.memory_horizon",
-                 "0 when training unrolls whole episodes (data.sequence: episode)", c.memory_horizon)
-    _require(d.action_bounds in ("dataset", "spec"), "data.action_bounds", "'dataset' or 'spec'", d.action_bounds)
-    if d.action_bounds == "spec":
-        _require(len(d.action_low) == len(d.action_high) > 0, "data.action_low/action_high",
-                 "two lists of equal, non-zero length", (d.action_low, d.action_high))
-        for i, (lo, hi) in enumerate(zip(d.action_low, d.action_high)):
-            # low >= high collapses every action of that dimension into one bin
-            _require(math.isfinite(lo) and math.isfinite(hi) and lo < hi, f"data.action_low[{i}] / data.action_high[{i}]",
-                     "finite bounds with low < high", (lo, hi))
-    else:  # bounds given but ignored would silently train on the dataset's min/max instead
-        _require(not d.action_low and not d.action_high, "data.action_low/action_high",
-                 "empty unless data.action_bounds is 'spec' (data.action_bounds is "
-                 f"{d.action_bounds!r})", (d.action_low, d.action_high))
-    t = cfg.train
-    _require(t.steps >= 1, "train.steps", ">= 1", t.steps)
-    _require(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
-    _require(t.lr > 0, "train.lr", "> 0", t.lr)
-    _require(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
-    # <= 0 would zero the gradients (0) or flip them into gradient ascent (< 0)
-    _require(t.grad_clip > 0, "train.grad_clip", "a gradient-norm bound > 0", t.grad_clip)
-    _require(t.log_every >= 1, "train.log_every", ">= 1 steps", t.log_every)
-    _require(t.num_threads >= 0, "train.num_threads", ">= 0 (0 = torch's default)", t.num_threads)
-    _require(t.label_sigma >= 0, "train.label_sigma", ">= 0", t.label_sigma)
-    _require(t.optimizer in ("adamw", "adam"), "train.optimizer", "'adamw' or 'adam'", t.optimizer)
-    _require(t.grad_accum >= 1, "train.grad_accum", ">= 1", t.grad_accum)
-    _require(t.batch_size % t.grad_accum == 0, "train.batch_size",
-             f"a multiple of train.grad_accum ({t.grad_accum})", t.batch_size)
-    _require(t.max_bad_steps >= 1, "train.max_bad_steps", ">= 1", t.max_bad_steps)
-    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "in [0, 1)", t.ema_decay)
-    _require(t.device in ("auto", "cpu", "cuda"), "train.device", "'auto', 'cpu' or 'cuda'", t.device)
-    _require(t.autocast in ("auto", "bf16", "off"), "train.autocast", "'auto', 'bf16' or 'off'", t.autocast)
-    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
-    _require(t.eval_every >= 0, "train.eval_every", ">= 0", t.eval_every)
-    _require(t.eval_episodes >= 1, "train.eval_episodes", ">= 1", t.eval_episodes)
-    _require(t.save_every >= 0, "train.save_every", ">= 0", t.save_every)
-    _require(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps)
-    from policy.model import MODULE_NAMES  # imports this module
-
-    unknown = [n for n in t.init_modules if n not in MODULE_NAMES]
-    _require(not unknown, "train.init_modules", f"names from {list(MODULE_NAMES)}", unknown)
+    """Semantic checks that types alone cannot express (each dataclass's `validate`)."""
+    cfg.validate()
 
 
 def _check_standardization(value: str, key: str) -> None:
@@ -391,3 +473,135 @@ def _check_standardization(value: str, key: str) -> None:
 
     _require(value == "auto" or value in BUILTIN or is_entry_file(value), key,
              f"'auto', one of {sorted(BUILTIN)} or a YAML file of entries (*.yaml)", value)
+
+
+# --- image backbones: name -> the rules of its model.image fields ---------------------------------
+# Each rule checks the backbone's own fields and returns its output tokens per frame where the config
+# alone determines them (None: known once built). policy/backbones registers one class per name.
+
+def check_patch(img: ImageEncoderConfig, field_name: str, patch: int) -> int:
+    """Tokens of a patch embedding: (image_size / patch)^2; the patch must divide the image size."""
+    _require(patch >= 1 and img.image_size % patch == 0, f"model.image.{field_name}",
+             f"a positive divisor of model.image.image_size ({img.image_size})", patch)
+    return img.patch_tokens(patch)
+
+
+def check_num_tokens(img: ImageEncoderConfig, num_positions: int) -> None:
+    _require(img.num_tokens <= num_positions, "model.image.num_tokens",
+             f"at most {num_positions} (the {img.backbone} backbone's output tokens that TokenLearner selects from)",
+             img.num_tokens)
+
+
+def _check_vit_size(img: ImageEncoderConfig) -> ViTSpec:
+    f = "model.image."
+    _require(img.vit_size in VIT_SIZES, f + "vit_size", f"one of {sorted(VIT_SIZES)}", img.vit_size)
+    for name in ("vit_width", "vit_depth", "vit_heads"):
+        _require(getattr(img, name) >= 0, f + name, ">= 0 (0 = the vit_size preset's value)", getattr(img, name))
+    spec = img.vit_spec()
+    _require(spec.width % spec.heads == 0, f + "vit_heads", f"a divisor of the width {spec.width}", spec.heads)
+    _require(img.vit_mlp_ratio > 0, f + "vit_mlp_ratio", "> 0", img.vit_mlp_ratio)
+    return spec
+
+
+def _check_efficientnet(img: ImageEncoderConfig) -> None:
+    # The variant table; otherwise an unknown variant fails only when the model is built.
+    _require(img.variant in EFFICIENTNET_VARIANTS, "model.image.variant", f"one of {sorted(EFFICIENTNET_VARIANTS)}",
+             img.variant)
+    for name in ("width_mult", "depth_mult"):
+        _require(getattr(img, name) > 0, f"model.image.{name}", "> 0", getattr(img, name))
+    return None  # the map size follows from the variant's strides: checked when built
+
+
+def _check_vittm(img: ImageEncoderConfig) -> int:
+    f = "model.image."
+    spec = _check_vit_size(img)
+    process = check_patch(img, "process_patch", img.process_patch)
+    memory = check_patch(img, "memory_patch", img.memory_patch)
+    _require(img.memory_patch <= img.process_patch, f + "memory_patch",
+             f"at most process_patch ({img.process_patch}): the memory stream has at least as many tokens as the "
+             "process stream", img.memory_patch)
+    _require(img.rw_head in RW_HEADS, f + "rw_head", f"one of {list(RW_HEADS)}", img.rw_head)
+    _require(img.fusion in FUSIONS, f + "fusion", f"one of {list(FUSIONS)}", img.fusion)
+    _require(img.output_stream in OUTPUT_STREAMS, f + "output_stream", f"one of {list(OUTPUT_STREAMS)}",
+             img.output_stream)
+    if img.rw_head == "linear":
+        s = img.rw_latent_scale
+        _require(s >= 1 and spec.width % s == 0 and (spec.width // s) % spec.heads == 0, f + "rw_latent_scale",
+                 f"a divisor of the width {spec.width} that leaves a latent divisible by the {spec.heads} heads", s)
+    return {"memory": memory, "process": process, "both": memory + process}[img.output_stream]
+
+
+def _check_vit(img: ImageEncoderConfig) -> int:
+    _check_vit_size(img)
+    return check_patch(img, "vit_patch" if img.vit_patch else "memory_patch", img.plain_vit_patch())
+
+
+_BACKBONE_RULES: dict[str, Callable[[ImageEncoderConfig], int | None]] = {
+    "efficientnet": _check_efficientnet,
+    "vittm": _check_vittm,
+    "vit": _check_vit,
+}
+BACKBONES = tuple(_BACKBONE_RULES)  # the allowed model.image.backbone names
+
+
+# --- controllers: type -> the rules of its model.controller fields --------------------------------
+
+@dataclass(frozen=True)
+class ControllerRules:
+    check: Callable[[ControllerConfig, int], None]  # the type's own field checks (cfg, token width)
+    # model.controller.memory_horizon applies: the state is carried across steps (the registry's
+    # carried_memory capability must agree; policy/controllers checks it at registration).
+    memory_horizon: bool
+    auto_feed_forward: str = "mlp"  # what feed_forward "auto" means for this type
+
+
+def _require_controller(cfg: ControllerConfig, name: str, ok: bool, expected: str) -> None:
+    _require(ok, f"model.controller.{name}", expected, getattr(cfg, name))
+
+
+def _check_ttm(cfg: ControllerConfig, dim: int) -> None:
+    _require_controller(cfg, "mlp_dim", cfg.mlp_dim >= 1, ">= 1")
+    _require_controller(cfg, "erase_bias", math.isfinite(cfg.erase_bias), "a finite number")
+    if cfg.process_unit == "transformer" or cfg.memory_mode == "TL-MHA":
+        _require_controller(cfg, "heads", cfg.heads >= 1 and dim % cfg.heads == 0,
+                            f"a divisor of the token width {dim}")
+
+
+def _check_transformer(cfg: ControllerConfig, width: int) -> None:
+    """rt1 and causal_transformer: attention heads and the feed-forward at model width `width`."""
+    _require_controller(cfg, "feed_forward", cfg.feed_forward in FEED_FORWARD, f"one of {list(FEED_FORWARD)}")
+    _require_controller(cfg, "key_dim", cfg.key_dim >= 0, "0 (= width / heads) or a positive per-head width")
+    _require_controller(cfg, "heads", cfg.heads >= 1, ">= 1")
+    if cfg.key_dim == 0:
+        _require_controller(cfg, "heads", width % cfg.heads == 0,
+                            f"a divisor of the model width {width} (or set key_dim)")
+    if cfg.feed_forward_style() == "mlp":
+        _require_controller(cfg, "mlp_dim", cfg.mlp_dim >= 1, ">= 1")
+
+
+def _check_width(cfg: ControllerConfig) -> None:
+    _require_controller(cfg, "width", cfg.width >= 0, "0 (= the token width) or a positive width")
+
+
+def _check_rt1(cfg: ControllerConfig, dim: int) -> None:
+    _check_width(cfg)
+    _check_transformer(cfg, cfg.width or dim)
+    _require_controller(cfg, "window", cfg.window >= 1, ">= 1 (frames in RT-1's history window)")
+
+
+def _check_causal_transformer(cfg: ControllerConfig, dim: int) -> None:
+    _check_width(cfg)
+    _check_transformer(cfg, dim)  # runs at the token width
+
+
+def _check_lstm(cfg: ControllerConfig, dim: int) -> None:
+    _check_width(cfg)
+
+
+CONTROLLER_RULES: dict[str, ControllerRules] = {
+    "ttm": ControllerRules(_check_ttm, memory_horizon=True),
+    "rt1": ControllerRules(_check_rt1, memory_horizon=False, auto_feed_forward="dense"),
+    "causal_transformer": ControllerRules(_check_causal_transformer, memory_horizon=True),
+    "lstm": ControllerRules(_check_lstm, memory_horizon=True),
+}
+CONTROLLER_TYPES = tuple(CONTROLLER_RULES)  # the allowed model.controller.type names

@@ -1,15 +1,21 @@
-"""Instruction text -> token ids with a sentencepiece model trained on the dataset's instructions."""
+"""Instruction text -> token ids with a sentencepiece model trained on the dataset's instructions.
+
+One home for the instruction tokenizer: `train_sentencepiece` trains a model, `sentencepiece_model` picks
+the one a run uses (a given file, or one trained on the dataset's instructions once and cached, keyed by the
+instruction set and the vocabulary size), `TextTokenizer` encodes with it.
+"""
 from __future__ import annotations
 
+import hashlib
 import io
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from common.atomic import copy_file_atomic, write_bytes_atomic
 
 PAD_ID = 0
 
@@ -32,11 +38,51 @@ def train_sentencepiece(instructions: Iterable[str], out_path: str | Path, vocab
         pad_id=PAD_ID, unk_id=1, bos_id=-1, eos_id=2,
         minloglevel=2,
     )
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, out_path)
+    write_bytes_atomic(out_path, model.getvalue())
     return out_path
+
+
+def tokenizer_key(instructions: Iterable[str], vocab_size: int) -> str:
+    # The same normalisation train_sentencepiece applies: lists that train the same model share a key.
+    sentences = sorted({s.strip().lower() for s in instructions if s and s.strip()})
+    return hashlib.sha256(repr((sentences, int(vocab_size))).encode()).hexdigest()[:20]
+
+
+def sentencepiece_model(instructions: Iterable[str], vocab_size: int, given: str | Path = "",
+                        out_path: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Path of the tokenizer model to use; copied to `out_path` when given (the run's own copy).
+
+    `given` (data.sentencepiece_model) is used as is; otherwise the model trained on `instructions` with
+    `vocab_size` is taken from the cache (`cache_dir`, default the user cache's tokenizers/), or trained
+    and cached.
+    """
+    instructions = list(instructions)
+    if given:
+        src = Path(given)
+        if not src.is_file():
+            raise FileNotFoundError(f"data.sentencepiece_model: expected a sentencepiece .model file, "
+                                    f"found nothing at {str(src)!r}")
+        try:
+            spm.SentencePieceProcessor(model_file=str(src))
+        except Exception as exc:  # noqa: BLE001  (sentencepiece raises RuntimeError/OSError variants)
+            raise ValueError(f"data.sentencepiece_model {str(src)!r}: not a sentencepiece model: {exc}") from None
+    else:
+        if vocab_size < 4:
+            raise ValueError(f"model.language.vocab_size: expected >= 4, got {vocab_size}")
+        if cache_dir:
+            root = Path(cache_dir)
+        else:
+            from datasets.source import user_cache_root  # imports TensorFlow: only when the cache is used
+
+            root = user_cache_root() / "tokenizers"
+        src = root / f"spm-{tokenizer_key(instructions, vocab_size)}.model"
+        if not src.is_file():
+            train_sentencepiece(instructions, src, vocab_size)  # writes atomically
+    if out_path is None:
+        return src
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return copy_file_atomic(src, out)
 
 
 class TextTokenizer:

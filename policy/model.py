@@ -13,7 +13,8 @@ softmax over tokens, values un-normalised, as in TokenLearner but with content-i
 that A may exceed r), then LayerNorm and a per-dimension Linear(token_dim -> bins). Per-dimension
 output weights keep the dimensions' bin semantics apart at a small cost (A * token_dim * bins).
 RT-1's transformer already outputs one token per action dimension; TokenHead is its output Dense, one
-Linear(width -> bins) shared by all dimensions (policy/controllers.py, docs/MODELS.md).
+Linear(width -> bins) shared by all dimensions (policy/controllers/rt1.py, docs/MODELS.md). Which head a
+controller gets, and whether memory_horizon applies, comes from the controller registry's capabilities.
 
 Training unrolls whole sequences from zero memory (`forward`); inference steps one frame at a time
 (`step`) and gives the same logits.
@@ -26,25 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from policy.config import ConfigError, ImageEncoderConfig, ModelConfig
-from policy.controllers import check_controller_config, make_controller
-from policy.film_efficientnet import FiLMEfficientNet, preprocess_frames
+from policy.backbones import make_backbone
+from policy.config import ConfigError, ModelConfig, check_num_tokens
+from policy.controllers import controller_info, controller_names, make_controller
+from policy.preprocessing import preprocess_frames
 from policy.text_encoder import TextEncoder
 from policy.token_learner import TokenLearner
-from policy.vit import FiLMViT
-from policy.vittm import FiLMViTTM
 
-
-def build_backbone(img: ImageEncoderConfig, context_dim: int) -> nn.Module:
-    """The FiLM-conditioned image backbone named by model.image.backbone:
-    [N,3,H,W] normalised images + [N,C] context -> [N, num_output_tokens(image_size), token_dim] tokens."""
-    if img.backbone == "efficientnet":
-        return FiLMEfficientNet(img, context_dim)
-    if img.backbone == "vittm":
-        return FiLMViTTM(img, context_dim)
-    if img.backbone == "vit":
-        return FiLMViT(img, context_dim)
-    raise ConfigError(f"model.image.backbone: expected one of ['efficientnet', 'vittm', 'vit'], got {img.backbone!r}")
+__all__ = ["ActionHead", "PolicyModel", "TokenHead"]
 
 
 class ActionHead(nn.Module):
@@ -80,23 +70,12 @@ class TokenHead(nn.Module):
         return self.out(x)
 
 
-# PolicyModel's top-level modules / parameters (what train.init_modules names); image_pos, proprio and
-# instruction exist only when their config switch is on.
-MODULE_NAMES = ("text", "backbone", "token_learner", "image_pos", "proprio", "instruction", "controller", "head")
-
-
 class PolicyModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, num_action_dims: int, proprio_dim: int,
                  embedding_dim: int = 512):
         super().__init__()
         img = cfg.image
-        if img.image_size < 16:
-            raise ConfigError(f"model.image.image_size: expected >= 16, got {img.image_size!r}")
-        if img.token_dim < 8:
-            raise ConfigError(f"model.image.token_dim: expected >= 8, got {img.token_dim!r}")
-        if cfg.action_bins < 2:
-            raise ConfigError(f"model.action_bins: expected >= 2, got {cfg.action_bins!r}")
-        check_controller_config(cfg.controller, img.token_dim)
+        cfg.validate()  # the config-only rules (policy/config.py); what follows needs built shapes
         if num_action_dims < 1:
             raise ValueError(f"num_action_dims: expected >= 1, got {num_action_dims}")
         if cfg.use_proprio and proprio_dim < 1:
@@ -104,14 +83,12 @@ class PolicyModel(nn.Module):
         self.cfg = cfg
         self.image_size = img.image_size
         self.text = TextEncoder(cfg.language, vocab_size, embedding_dim)
-        self.backbone = build_backbone(img, cfg.language.context_dim)
+        self.backbone = make_backbone(img, cfg.language.context_dim)
         positions = self.backbone.num_output_tokens(img.image_size)
         if positions < 1:
             raise ConfigError(f"model.image.image_size: {img.image_size} is too small for variant "
                               f"{img.variant!r} (no feature map left after its strides)")
-        if img.num_tokens > positions:
-            raise ConfigError(f"model.image.num_tokens: expected at most {positions} (the {img.backbone} "
-                              f"backbone's output tokens that TokenLearner selects from), got {img.num_tokens}")
+        check_num_tokens(img, positions)
         # Zero-initialised so that it starts as a no-op and only adds what training finds useful.
         self.image_pos = nn.Parameter(torch.zeros(1, positions, img.token_dim)) if img.position_embedding else None
         self.token_learner = TokenLearner(img.token_dim, img.num_tokens, img.tokenlearner_hidden,
@@ -122,9 +99,10 @@ class PolicyModel(nn.Module):
         self.num_input_tokens = img.num_tokens + int(cfg.use_proprio) + int(cfg.instruction_token)
         self.controller = make_controller(cfg.controller, img.token_dim, self.num_input_tokens,
                                           num_action_dims=num_action_dims)
-        self.horizon = cfg.controller.memory_horizon if cfg.controller.type != "rt1" else 0
+        self.controller_info = controller_info(cfg.controller.type)
+        self.horizon = cfg.controller.memory_horizon if self.controller_info.carried_memory else 0
         out_dim = getattr(self.controller, "out_dim", img.token_dim)
-        if getattr(self.controller, "action_token_outputs", False):
+        if self.controller_info.token_per_action_dim:
             self.head: nn.Module = TokenHead(out_dim, cfg.action_bins)
         else:
             self.head = ActionHead(out_dim, num_action_dims, cfg.action_bins)
@@ -188,7 +166,7 @@ class PolicyModel(nn.Module):
     def step(self, image: torch.Tensor, context: torch.Tensor, proprio: torch.Tensor | None,
              state: Any, return_attention: bool = False):
         """One inference step: image uint8 [B,H,W,3] -> (logits [B,A,bins], new state). With
-        return_attention (TTM controllers only) also the step's memory selection weights
+        return_attention (controllers with attention_maps: the TTM) also the step's memory selection weights
         {"read": [B,r,m+N], "write": [B,m,m+N+r]} (TokenLearner / attention weights over [memory; inputs(; outputs)])."""
         tokens = self.encode_frames(image, context, proprio)
         if return_attention:
@@ -199,9 +177,10 @@ class PolicyModel(nn.Module):
 
     def controller_step(self, tokens: torch.Tensor, state: Any, return_attention: bool = False):
         """The controller's part of `step`: input tokens [B,N,D] -> (output tokens, new state[, attention])."""
-        if return_attention and self.cfg.controller.type != "ttm":
-            raise ValueError("return_attention: expected a policy with model.controller.type 'ttm' (memory read/write "
-                             f"weights), got {self.cfg.controller.type!r}")
+        if return_attention and not self.controller_info.attention_maps:
+            kinds = " or ".join(repr(n) for n in controller_names(attention_maps=True))
+            raise ValueError(f"return_attention: expected a policy with model.controller.type {kinds} (memory "
+                             f"read/write weights), got {self.cfg.controller.type!r}")
         if self.horizon:
             # Exactly what training on windows of `horizon` steps computes for a window's last step
             # (windows shorter than the horizon at the episode start are front-padded there, and

@@ -29,7 +29,7 @@ from safetensors.torch import load_model, save_model
 
 from policy.action_tokenizer import ActionTokenizer, DictActionTokenizer, action_tokenizer_from_dict
 from policy.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
-from policy.fsutil import aside_path, fsync_tree, restore_set_aside, set_aside, swap_in
+from common.atomic import aside_path, fsync_tree, restore_set_aside, set_aside, swap_in
 from policy.language import TextTokenizer
 
 FORMAT_VERSION = 1

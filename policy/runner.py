@@ -16,6 +16,7 @@ import torch
 
 from policy.action_tokenizer import DictActionTokenizer
 from policy.config import ConfigError
+from policy.controllers import controller_info, controller_names
 from policy.policy_dir import LoadedPolicy, PolicyDirError, load_policy_dir
 
 EMBEDDING_DIM = 512  # precomputed instruction embeddings (OXE's Universal Sentence Encoder)
@@ -31,9 +32,10 @@ class PolicyRunner:
         self.model = policy.model
         self.spec = policy.spec
         self.device = torch.device(device)
-        if record_attention and policy.cfg.model.controller.type != "ttm":
-            raise ValueError("record_attention: expected a TTM policy (model.controller.type 'ttm'), got "
-                             f"{policy.cfg.model.controller.type!r}")
+        kind = policy.cfg.model.controller.type
+        if record_attention and not controller_info(kind).attention_maps:
+            kinds = " or ".join(repr(n) for n in controller_names(attention_maps=True))
+            raise ValueError(f"record_attention: expected a TTM policy (model.controller.type {kinds}), got {kind!r}")
         self.record_attention = record_attention
         # Per step of the current episode: {"read": [B,r,m+N], "write": [B,m,m+N+r]} (numpy), if recorded.
         self.attention: list[dict[str, np.ndarray]] = []

@@ -3,34 +3,19 @@
 source "sentencepiece": token ids [B,L] + mask [B,L] (True = real token) -> embedding + learned
 positions -> pre-LN transformer layers -> LayerNorm -> masked mean pool -> Linear.
 source "embedding": a precomputed sentence embedding [B,E] (e.g. OXE's 512-d USE) -> Linear.
+The model.language fields are checked by LanguageConfig.validate (policy/config.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from policy.config import ConfigError, LanguageConfig
-
-
-def check_language_config(cfg: LanguageConfig) -> None:
-    """Raise ConfigError naming the first model.language field the encoder cannot use (validate_config calls it)."""
-    if cfg.source not in ("sentencepiece", "embedding"):
-        raise ConfigError(f"model.language.source: expected 'sentencepiece' or 'embedding', got {cfg.source!r}")
-    if cfg.context_dim < 1:
-        raise ConfigError(f"model.language.context_dim: expected >= 1, got {cfg.context_dim!r}")
-    if cfg.source == "embedding":
-        return
-    for name, ok in (("width", cfg.width >= 1), ("layers", cfg.layers >= 1), ("max_tokens", cfg.max_tokens >= 1),
-                     ("heads", cfg.heads >= 1 and cfg.width % max(cfg.heads, 1) == 0)):
-        if not ok:
-            expected = f"a divisor of model.language.width ({cfg.width})" if name == "heads" else ">= 1"
-            raise ConfigError(f"model.language.{name}: expected {expected}, got {getattr(cfg, name)!r}")
+from policy.config import LanguageConfig
 
 
 class TextEncoder(nn.Module):
     def __init__(self, cfg: LanguageConfig, vocab_size: int, embedding_dim: int = 512):
         super().__init__()
-        check_language_config(cfg)
         self.source = cfg.source
         if cfg.source == "embedding":
             if embedding_dim < 1:

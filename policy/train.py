@@ -23,12 +23,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.atomic import copy_file_atomic, write_text_atomic
+from datasets.augment import random_shift
 from policy import checkpoint as ckpt
 from policy.action_tokenizer import ActionTokenizer, action_tokenizer_from_dict
 from policy.config import ConfigError, ExperimentConfig, config_to_dict
@@ -38,8 +40,11 @@ from policy.language import TextTokenizer
 from policy.policy_dir import InputSpec, read_spec_and_stats, save_policy_dir
 from policy.train_step import EMA, Optimization, StepStats, TrainingError
 
-__all__ = ["train", "Trainer", "TrainResult", "TrainingError", "check_writable", "lr_lambda", "sequence_loss",
-           "random_shift", "init_from_policy"]
+if TYPE_CHECKING:
+    from datasets.training_inputs import TrainingInputs
+
+__all__ = ["train", "Trainer", "Evaluator", "TrainResult", "TrainingError", "check_writable", "lr_lambda", "sequence_loss",
+           "init_from_policy"]
 
 
 @dataclass
@@ -165,19 +170,6 @@ def soft_targets(targets: torch.Tensor, bins: int, sigma: float) -> torch.Tensor
     return w / w.sum(-1, keepdim=True)
 
 
-def random_shift(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """uint8 [B,T,H,W,C] -> the same frames shifted by up to `pad` pixels (one shift per sequence):
-    edge-pad by `pad`, then crop H x W at a random offset."""
-    if pad <= 0:
-        return images
-    b, t, h, w, c = images.shape
-    x = images.permute(0, 1, 4, 2, 3).reshape(b, t * c, h, w).float()
-    x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
-    dy, dx = (torch.randint(0, 2 * pad + 1, (2, b), generator=gen)).tolist()
-    out = torch.stack([x[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
-    return out.reshape(b, t, c, h, w).permute(0, 1, 3, 4, 2).to(images.dtype)
-
-
 IMAGE_TOKENIZER = ("backbone", "token_learner", "image_pos")
 
 
@@ -195,7 +187,7 @@ def init_from_policy(model: torch.nn.Module, policy_dir: str | Path, modules: li
         source = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise ConfigError(f"train.init_from: {str(weights)!r} is not a readable safetensors file: {exc}") from None
-    from policy.model import MODULE_NAMES
+    from policy.config import MODULE_NAMES
 
     own = model.state_dict()
     unknown = [m for m in modules if m not in MODULE_NAMES]
@@ -235,44 +227,24 @@ def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 
 
 # -- data ---------------------------------------------------------------------------------------
-@dataclass
-class TrainingData:
-    """What training needs from the data layer: the opened dataset (keys, shapes, action statistics), the
-    instruction list that batch["instruction"] indexes, and a factory for this rank's endless micro-batch stream."""
-    dataset: Any  # datasets.rlds_loader.RLDSDataset (the first one of a mixture)
-    datasets: list  # every dataset of the mixture (the first included): the config must fit each
-    instructions: list[str]
-    scan: dict
-    embedding_dim: int  # 0 when some dataset ships no precomputed instruction embedding
-    micro_batch: int
-    batches: Callable[[int], Iterator[dict[str, torch.Tensor]]]  # batches(skip) -> stream after `skip` batches
-
-
 def _build_data(cfg: ExperimentConfig, data_path: str | Path | None, rank: int, world_size: int,
-                seed: int) -> TrainingData:
+                seed: int) -> TrainingInputs:
     """This rank's share of the data (datasets/training_inputs.py) as micro-batches of
-    batch_size / (world_size * grad_accum). Every rank passes the same seed: the shards are cut from the
-    same seeded episode order, so they are disjoint."""
+    batch_size / (world_size * grad_accum); `.batches(skip)` is the stream after `skip` micro-batches.
+    Every rank passes the same seed: the shards are cut from the same seeded episode order, so they are
+    disjoint."""
     from datasets.training_inputs import open_training_inputs
 
     micro = cfg.train.batch_size // (world_size * cfg.train.grad_accum)
     if micro < 1 or micro * world_size * cfg.train.grad_accum != cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: expected a multiple of world size x train.grad_accum "
                           f"({world_size} x {cfg.train.grad_accum}), got {cfg.train.batch_size}")
-    first = open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=seed, batch_size=micro)
-    for ds in first.datasets:
+    inputs = open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=seed, batch_size=micro)
+    for ds in inputs.datasets:
         if ds.num_episodes < world_size:
             raise ConfigError(f"--data {ds.dir!r}: expected at least one episode per rank ({world_size} "
                               f"ranks), the dataset has {ds.num_episodes}")
-
-    def batches(skip: int) -> Iterator[dict[str, torch.Tensor]]:
-        if not skip:
-            return first.batches
-        return open_training_inputs(cfg, data_path, rank=rank, world_size=world_size, seed=seed,
-                                    batch_size=micro, skip_batches=skip).batches
-
-    return TrainingData(first.dataset, list(first.datasets), first.instructions, first.scan, first.embedding_dim,
-                        micro, batches)
+    return inputs
 
 
 # -- checks before the first step -----------------------------------------------------------------
@@ -346,12 +318,24 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 
 
 # -- the trainer -----------------------------------------------------------------------------------
+# Evaluation in the loop is wired in by the caller (run_policy.py passes rollout.evaluate.in_loop_evaluator),
+# so the trainer imports no simulator: (policy_dir, episodes_per_task, video_dir, videos_per_task) -> the
+# evaluation's JSON (mean_success, per_task {task: {success_rate, ...}}, videos).
+Evaluator = Callable[[Path, int, Path, int], dict]
+
+
 class Trainer:
     """Set up once (data, tokenizers, model, optimizer, resume), then `run()` or `train_step()`."""
 
     def __init__(self, cfg: ExperimentConfig, data_path: str | Path | None, out_dir: str | Path,
-                 progress: bool = True, resume: bool = False, info: DistInfo | None = None):
+                 progress: bool = True, resume: bool = False, info: DistInfo | None = None,
+                 evaluator: Evaluator | None = None):
         self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
+        if cfg.train.eval_every and evaluator is None:
+            raise ConfigError(f"train.eval_every: expected 0 when no evaluator is wired in (run_policy.py train "
+                              f"wires rollout.evaluate's; from Python pass Trainer(..., evaluator=...)), "
+                              f"got {cfg.train.eval_every}")
+        self.evaluator = evaluator
         self.info = info or init_distributed(cfg.train.device)
         t = cfg.train
         if resume:
@@ -397,9 +381,9 @@ class Trainer:
         if resume and tok_path.is_file():
             pass
         elif source and t.init_tokenizer:
-            shutil.copyfile(source[0] / "tokenizer.model", tok_path)
+            copy_file_atomic(source[0] / "tokenizer.model", tok_path)
         else:
-            from datasets.tokenizer_cache import sentencepiece_model
+            from policy.language import sentencepiece_model
 
             # data.sentencepiece_model when given, else trained on the instructions (cached by their digest)
             sentencepiece_model(self.inputs.instructions, cfg.model.language.vocab_size,
@@ -565,19 +549,16 @@ class Trainer:
 
     # -- evaluation in the loop ------------------------------------------------------------------------
     def evaluate_now(self, tb) -> dict:
-        from rollout.evaluate import evaluate
-
+        assert self.evaluator is not None  # checked in __init__ when eval_every is on
         rng = ckpt.capture_rng()
         threads = torch.get_num_threads()
         policy = self._write_policy(self.out_dir / "policy")
         try:
-            res = evaluate(policy, None, None, self.cfg.train.eval_episodes, seed=0,
-                           video_dir=self.out_dir / "eval" / f"step-{self.step:08d}",
-                           videos_per_task=self.cfg.train.eval_videos, progress=False)
+            out = self.evaluator(Path(policy), self.cfg.train.eval_episodes,
+                                 self.out_dir / "eval" / f"step-{self.step:08d}", self.cfg.train.eval_videos)
         finally:
             torch.set_num_threads(threads)
             ckpt.restore_rng(rng)
-        out = res.to_json()
         tb.add_scalar("eval/success_rate", out["mean_success"], self.step)
         for task, r in out["per_task"].items():
             tb.add_scalar(f"eval/success_{task}", r["success_rate"], self.step)
@@ -640,16 +621,15 @@ class Trainer:
                              seconds, sps,
                              self.opt.skipped_total, self.resumed_from, self.info.world_size, last_eval)
         if self.info.is_main:
-            from policy.fsutil import write_text_atomic
-
             write_text_atomic(self.out_dir / "train_result.json", json.dumps(result.to_json(), indent=2))
         return result
 
 
 def train(cfg: ExperimentConfig, data_path: str | Path | None, out_dir: str | Path, progress: bool = True,
-          resume: bool = False) -> TrainResult:
-    """Train (or with resume=True continue the run in out_dir from its newest checkpoint) to cfg.train.steps."""
-    trainer = Trainer(cfg, data_path, out_dir, progress=progress, resume=resume)
+          resume: bool = False, evaluator: Evaluator | None = None) -> TrainResult:
+    """Train (or with resume=True continue the run in out_dir from its newest checkpoint) to cfg.train.steps.
+    `evaluator`: evaluation in the loop (needed when train.eval_every > 0)."""
+    trainer = Trainer(cfg, data_path, out_dir, progress=progress, resume=resume, evaluator=evaluator)
     try:
         return trainer.run()
     finally:

@@ -2,7 +2,7 @@
 
 Episodes run across `workers` spawned processes, each with its own runner (one torch thread) and
 environments. An episode is a function of its seed alone, so results do not depend on the number of
-workers. Evaluation seeds start at datasets.collect.EVAL_SEED_BASE, disjoint from demonstration seeds.
+workers. Evaluation seeds are numbered by common.seeds, disjoint from demonstration seeds.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-SEEDS_PER_TASK = 1_000  # evaluation seed block of a task: EVAL_SEED_BASE + seed * 100_000 + task * 1_000 + i
-SEEDS_PER_BLOCK = 100_000  # `task` is the task's place in task_seed_order, so at most 100 tasks per env
+from common.atomic import atomic_output
+from common.seeds import check_eval_request, eval_seed
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,15 @@ def task_seed_order(trained: list[str], known: list[str]) -> list[str]:
     some of the tasks plays the same episodes of each as evaluating all of them."""
     first = [t for t in trained if t in known]
     order = first + [t for t in known if t not in first]
-    if len(order) > SEEDS_PER_BLOCK // SEEDS_PER_TASK:
-        raise ValueError(f"env with {len(order)} tasks: expected at most {SEEDS_PER_BLOCK // SEEDS_PER_TASK} "
-                         "(one evaluation seed block per task)")
+    check_eval_request(0, 0, len(order))
     return order
 
 
-def eval_seed(seed: int, task_index: int, episode: int) -> int:
-    from datasets.collect import EVAL_SEED_BASE
-
-    return EVAL_SEED_BASE + seed * SEEDS_PER_BLOCK + task_index * SEEDS_PER_TASK + episode
+def in_loop_evaluator(policy_dir: Path, episodes_per_task: int, video_dir: Path, videos_per_task: int) -> dict:
+    """The trainer's evaluation in the loop (policy.train.Evaluator): the policy's own env and trained
+    tasks, evaluation seed block 0, in this process; returns EvalResult.to_json()."""
+    return evaluate(policy_dir, None, None, episodes_per_task, seed=0, video_dir=video_dir,
+                    videos_per_task=videos_per_task, progress=False).to_json()
 
 
 def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[str] | None = None,
@@ -117,13 +116,7 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
     _check_int("--videos-per-task", videos_per_task, 0)
     _check_int("--workers", workers, 1)
     _check_int("--seed", seed, 0)
-    from datasets.collect import MAX_EVAL_SEEDS
-
-    if seed >= MAX_EVAL_SEEDS:  # above them live the demonstration seeds of collect --seed >= 1
-        raise ValueError(f"--seed: expected an integer < {MAX_EVAL_SEEDS} (an evaluation seed block), got {seed}")
-    if episodes_per_task > SEEDS_PER_TASK:
-        raise ValueError(f"--episodes-per-task: expected at most {SEEDS_PER_TASK} (a task's seed block), "
-                         f"got {episodes_per_task}")
+    check_eval_request(seed, episodes_per_task, 0)
     spec = load_policy_dir(policy_dir).spec  # fails early, with the policy's own message
     trained_env = spec.env
     env_name = env_name or trained_env.get("env", "tabletop")
@@ -186,8 +179,10 @@ def _check_int(name: str, value: Any, low: int) -> None:
 def _require_ttm(policy_dir: str | Path) -> None:
     from policy.policy_dir import load_policy_dir
 
+    from policy.controllers import controller_info
+
     kind = load_policy_dir(policy_dir).cfg.model.controller.type
-    if kind != "ttm":
+    if not controller_info(kind).attention_maps:
         raise ValueError(f"--memory-figure: expected a TTM policy (model.controller.type 'ttm'), got {kind!r}")
 
 
@@ -310,9 +305,8 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, min_size: i
 
     path.parent.mkdir(parents=True, exist_ok=True)
     scale = max(1, min_size // frames[0].shape[0])
-    tmp = path.with_name(f".{path.stem}.tmp.mp4")
-    with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=7, macro_block_size=1) as w:
-        for f in frames:
-            w.append_data(np.repeat(np.repeat(f, scale, axis=0), scale, axis=1))
-    tmp.replace(path)
+    with atomic_output(path, suffix=".mp4") as tmp:  # imageio picks the format from the extension
+        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=7, macro_block_size=1) as w:
+            for f in frames:
+                w.append_data(np.repeat(np.repeat(f, scale, axis=0), scale, axis=1))
     return str(path)

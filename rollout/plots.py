@@ -7,6 +7,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from common.atomic import atomic_output
+
 
 def _pyplot():
     import matplotlib
@@ -32,9 +34,8 @@ def check_png_path(path: str | Path, name: str = "figure path") -> Path:
 
 def _save(fig, path: str | Path) -> str:
     path = check_png_path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, format="png")
-    tmp.replace(path)
+    with atomic_output(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return str(path)
 
 

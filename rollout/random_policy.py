@@ -49,9 +49,9 @@ def build_random_policy(out: str | Path, config: str | Path | ExperimentConfig |
     image_shape: the camera frames the policy accepts (default: the model's image_size, square); the
     model resizes them. action_fields: an Open X-Embodiment style dict action instead of the vector one.
     """
-    from policy.model import PolicyModel
     import envs
-    from envs.tabletop import ACTION_MAX, ACTION_MIN
+    from common.action_interface import action_interface
+    from policy.model import PolicyModel
 
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config or QUICKSTART, list(overrides))
     size = cfg.model.image.image_size
@@ -67,7 +67,8 @@ def build_random_policy(out: str | Path, config: str | Path | ExperimentConfig |
         if action_fields is not None:
             tok: ActionTokenizer | DictActionTokenizer = DictActionTokenizer(action_fields, cfg.model.action_bins)
         else:
-            tok = ActionTokenizer(ACTION_MIN.tolist(), ACTION_MAX.tolist(), cfg.model.action_bins, envs.ACTION_NAMES)
+            act = action_interface("tabletop")
+            tok = ActionTokenizer(list(act.low), list(act.high), cfg.model.action_bins, act.names)
         torch.manual_seed(seed)
         from policy.language import TextTokenizer
 

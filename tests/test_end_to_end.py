@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CLI = [sys.executable, str(ROOT / "run_policy.py")]
 TINY = ["train.steps=3", "train.batch_size=2", "train.log_every=1", "train.save_every=0",

@@ -1,0 +1,102 @@
+"""`bench train`: what a training step costs with a given config, on this machine.
+
+Reports samples (valid frames) per second and per-step seconds split into data wait / forward /
+backward / optimizer (medians over the timed steps, after warm-up steps that are not counted), and
+peak memory: CUDA max allocated on a GPU, the process's peak RSS on CPU. Without --data a tiny
+tabletop dataset is collected into a temporary directory first.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rollout.bench import args as A
+from rollout.bench import register
+
+if TYPE_CHECKING:
+    import torch
+
+WARMUP_STEPS = 3
+
+
+def _peak_memory(device: torch.device) -> dict:
+    import torch
+
+    if device.type == "cuda":
+        return {"kind": "cuda_max_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"kind": "cpu_peak_rss", "bytes": int(rss_kib if sys.platform == "darwin" else rss_kib * 1024)}
+
+
+def bench_train(config: str, data: str | None, steps: int, overrides: list[str] | None = None,
+                warmup: int = WARMUP_STEPS) -> dict:
+    import torch
+
+    from policy.config import load_config
+    from policy.train import Trainer
+
+    if steps < 1:
+        raise ValueError(f"--steps: expected >= 1 timed steps, got {steps}")
+    # The timed steps never reach the schedule's end; checkpoints and evaluation are off.
+    base = [f"train.steps={steps + warmup}", "train.save_every=0", "train.eval_every=0"]
+    cfg = load_config(config, base + list(overrides or []))
+    data_label = str(data) if data else "generated: tabletop reach+lift, 4 episodes each"
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        if data is None:
+            from datasets.collect import collect
+
+            data = str(collect("tabletop", ["reach", "lift"], 4, Path(tmp) / "data", workers=1, progress=False).path)
+        trainer = Trainer(cfg, data, Path(tmp) / "run", progress=False)
+        dev = trainer.info.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        rows = []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            stats, wait = trainer.train_step()
+            total = time.perf_counter() - t0
+            if i >= warmup:
+                rows.append((total, wait, stats.forward_s, stats.backward_s, stats.optimizer_s, stats.samples))
+        arr = np.array(rows)
+        med = np.median(arr, axis=0)
+        per_step = float(arr[:, 0].sum())
+        return {
+            "config": str(config), "overrides": list(overrides or []), "data": data_label,
+            "device": str(dev), "world_size": trainer.info.world_size,
+            "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+            "autocast": cfg.train.autocast, "compile": cfg.train.compile,
+            "threads": torch.get_num_threads(), "timed_steps": steps, "warmup_steps": warmup,
+            "samples_per_second": round(float(arr[:, 5].sum()) / per_step, 2),
+            "seconds_per_step": {"total": round(float(med[0]), 5), "data_wait": round(float(med[1]), 5),
+                                 "forward": round(float(med[2]), 5), "backward": round(float(med[3]), 5),
+                                 "optimizer": round(float(med[4]), 5)},
+            "peak_memory": _peak_memory(dev),
+            "parameters": sum(p.numel() for p in trainer.model.parameters()),
+        }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    A.add_config(p, "training config")
+    p.add_argument("--data", default=None,
+                   help="RLDS dataset directory (default: a tiny tabletop dataset collected into a temp dir)")
+    A.add_steps(p, 20, f"timed training steps (after {WARMUP_STEPS} untimed warm-up steps)")
+    A.add_overrides(p)
+    A.add_json(p)
+
+
+def run(a: argparse.Namespace) -> dict:
+    res = bench_train(str(A.config_path(a)), a.data, a.steps, overrides=a.overrides)
+    print(json.dumps(res, indent=2))
+    return res
+
+
+register("train", "training samples/s, seconds per step split into data wait / forward / backward / optimizer, "
+         "peak memory", add_arguments, run)
