@@ -25,23 +25,11 @@ def write_json(path: str | None, data: dict) -> None:
         write_json_atomic(path, data)
 
 
-def parse_tasks(env: str, spec: str) -> list[str]:
-    import envs
-
-    known = list(envs.list_tasks(env))
-    if spec == "all":
-        return known
-    tasks = [t.strip() for t in spec.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {unknown} for env {env!r}; expected 'all' or a comma list of {known}")
-    return tasks
-
-
 def cmd_collect(a: argparse.Namespace) -> dict:
+    import envs
     from datasets.collect import collect
 
-    res = collect(a.env, parse_tasks(a.env, a.tasks), a.episodes_per_task, a.out, seed=a.seed,
+    res = collect(a.env, envs.parse_tasks(a.env, a.tasks), a.episodes_per_task, a.out, seed=a.seed,
                   image_size=a.image_size, camera=a.camera, workers=a.workers, noise=a.noise,
                   keep_failures=a.keep_failures, image_encoding=a.image_encoding,
                   episodes_per_shard=a.episodes_per_shard, overwrite=a.overwrite, goals=a.goals)
@@ -90,10 +78,11 @@ def cmd_eval(a: argparse.Namespace) -> dict:
 
     tasks = None
     if a.tasks:  # named for the env the policy will run in: --env, else the one it was trained on
+        import envs
         from policy.policy_dir import load_policy_dir
 
         env = a.env or load_policy_dir(a.policy).spec.env.get("env", "tabletop")
-        tasks = parse_tasks(env, a.tasks)
+        tasks = envs.parse_tasks(env, a.tasks)
     res = evaluate(a.policy, a.env, tasks, a.episodes_per_task, seed=a.seed, video_dir=a.video_dir,
                    videos_per_task=a.videos_per_task, workers=a.workers, chart=a.chart,
                    memory_figure=a.memory_figure)

@@ -60,6 +60,18 @@ def list_tasks(name: str = "tabletop") -> dict[str, list[str]]:
     return {t: list(INSTRUCTIONS[t]) for t in benchmark_tasks(_BENCHMARK[name])}
 
 
+def parse_tasks(name: str, spec: str) -> list[str]:
+    """A --tasks value: 'all' or a comma list of the env's tasks -> the task names, checked."""
+    known = list(list_tasks(name))
+    if spec == "all":
+        return known
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"--tasks: unknown task(s) {unknown} for env {name!r}; expected 'all' or a comma list of {known}")
+    return tasks
+
+
 def _check_task(name: str, task: str) -> str:
     known = list_tasks(name)
     if env_family(name) == "metaworld" and isinstance(task, str):
@@ -153,4 +165,5 @@ __all__ = [
     "make_expert",
     "make_gym",
     "make_vec",
+    "parse_tasks",
 ]

@@ -23,20 +23,6 @@ _EXPERT_KEYS = ("expert_success", "successes", "episodes", "mean_length", "max_l
                 "control_steps_per_cpu_s")
 
 
-def parse_tasks(env: str, spec: str) -> list[str]:
-    """'all' or a comma list of `env`'s tasks -> the task names."""
-    import envs
-
-    known = list(envs.list_tasks(env))
-    if spec == "all":
-        return known
-    tasks = [t.strip() for t in spec.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in known]
-    if unknown:
-        raise ValueError(f"--tasks: unknown task(s) {unknown} for env {env!r}; expected 'all' or a comma list of {known}")
-    return tasks
-
-
 
 def upstream_rollouts(env: Any, seeds: list[int]) -> float:
     """Meta-World's own policy stepping Meta-World directly (no adapter): the unpatched reference rate."""
@@ -195,7 +181,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(a: argparse.Namespace) -> dict:
-    tasks = parse_tasks(a.env, a.tasks) if a.tasks else None
+    import envs
+
+    tasks = envs.parse_tasks(a.env, a.tasks) if a.tasks else None
     res = bench_env(a.env, tasks, a.seeds, a.image_size, camera=a.camera, noise=a.noise, frames=a.frames,
                     upstream=a.upstream)
     print(json.dumps(res, indent=2))

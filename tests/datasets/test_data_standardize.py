@@ -8,7 +8,7 @@ import pytest
 from datasets.rlds_dataset import RLDSDataset
 from datasets.standardize import BUILTIN, StandardizationError, entry_from_dict, load_registry
 from datasets.tf_setup import tfds
-from tests.helpers import write_dataset
+from tests.helpers import write_dataset, write_fractal
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ from policy.model import PolicyModel
 from policy.preprocessing import preprocess_frames
 from policy.text_encoder import TextEncoder
 from policy.token_learner import TokenLearner
+from tests.helpers import randomise_film
 
 torch.set_num_threads(2)
 

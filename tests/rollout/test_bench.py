@@ -76,8 +76,11 @@ def test_shared_flags_keep_their_defaults():
     assert {n: a.image_size for n, a in defaults.items() if hasattr(a, "image_size")} == {
         "env": 96, "backbone": 224, "data": 64, "serve": None}
     assert {n: a.seeds for n, a in defaults.items() if hasattr(a, "seeds")} == {"env": 10, "experts": 200}
-    config = str(ROOT / "configs" / "quickstart.yaml")
-    assert all(a.config == config for a in defaults.values() if hasattr(a, "config"))
+    from common.cli import config_path
+
+    # unset --config reads as the quickstart, the one default train and demo use too
+    assert all(config_path(a) == ROOT / "configs" / "quickstart.yaml" and a.config is None
+               for a in defaults.values() if hasattr(a, "config"))
     assert all(a.json is None for a in defaults.values())
     assert p.parse_args(["bench", "env", "--json", "x.json"]).json == "x.json"
     assert p.parse_args(["bench", "--json", "y.json", "env"]).json == "y.json"

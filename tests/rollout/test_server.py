@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import msgpack
 import numpy as np
