@@ -4,40 +4,34 @@ subcommand takes a config: `--config` plus positional `key=value` overrides, wit
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_CONFIG = REPO_ROOT / "configs" / "quickstart.yaml"
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, convert, ok, expected: str):
+    """`convert(text)` if it parses and satisfies `ok`, else argparse's error naming what was expected."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 < v < math.inf, "a number > 0")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
 def step_list(text: str) -> tuple[int, ...]:

@@ -43,7 +43,7 @@ def demo_seed(seed: int, task_index: int, episode: int) -> int:
     return EXTRA_DEMO_SEED_BASE + (seed - 1) * MAX_TASKS * DEMO_SEEDS_PER_TASK + block
 
 
-def check_eval_request(seed: int, episodes_per_task: int, tasks: int) -> None:
+def check_eval_request(seed: int, episodes_per_task: int) -> None:
     """Raise ValueError naming the flag when an evaluation would leave its seed blocks."""
     if not _is_int(seed) or not 0 <= seed < MAX_EVAL_SEEDS:
         # above them live the demonstration seeds of collect --seed >= 1
@@ -51,6 +51,10 @@ def check_eval_request(seed: int, episodes_per_task: int, tasks: int) -> None:
     if episodes_per_task > EVAL_SEEDS_PER_TASK:
         raise ValueError(f"--episodes-per-task: expected at most {EVAL_SEEDS_PER_TASK} (a task's seed block), "
                          f"got {episodes_per_task}")
+
+
+def check_eval_task_count(tasks: int) -> None:
+    """An env's tasks each need their own evaluation seed block: at most MAX_TASKS of them."""
     if tasks > MAX_TASKS:
         raise ValueError(f"env with {tasks} tasks: expected at most {MAX_TASKS} (one evaluation seed block per task)")
 

@@ -250,7 +250,6 @@ class RLDSDataset:
     # -- one pass over the metadata: instructions and action statistics, cached (datasets/statistics.py)
     def scan(self) -> dict[str, Any]:
         if self._scan is None:
-            self.scan_source = "scan computed now"
             self._scan, self.scan_source = dataset_scan(self)
         return self._scan
 

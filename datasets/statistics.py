@@ -72,15 +72,13 @@ class ScanCache:
         writable = bool(d.stat().st_mode & stat.S_IWUSR) and os.access(d, os.W_OK)
         return [d, user] if writable else [user]
 
-    def file(self, name: str) -> Path | None:
-        return next((d / name for d in self.dirs() if (d / name).is_file()), None)
-
-    def read(self, name: str) -> dict | None:
+    def read(self, name: str) -> tuple[dict, Path] | None:
+        """(the cached record, its file), or None when no readable copy exists."""
         for d in self.dirs():
             f = d / name
             if f.is_file():
                 try:
-                    return json.loads(f.read_text())
+                    return json.loads(f.read_text()), f
                 except ValueError:
                     continue  # a damaged cache is recomputed
         return None
@@ -101,7 +99,7 @@ def dataset_scan(data: Any) -> tuple[dict[str, Any], str]:
     name = f"scan-{data.split}-{scan_digest(data)}.json"
     cached = cache.read(name)
     if cached is not None:
-        return cached, f"scan cache {str(cache.file(name))!r}"
+        return cached[0], f"scan cache {str(cached[1])!r}"
     scan = compute_scan(data.episode_tensors(decode_images=False).as_numpy_iterator(), data.action_names,
                         f"dataset {data.dir!r}: split {data.split!r}")
     cache.write(name, scan)

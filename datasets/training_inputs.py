@@ -49,7 +49,8 @@ class TrainingInputs:
     def batches(self, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """A fresh stream of this rank's torch batches, starting after `skip` batches of the seeded stream
         (exact resume: the pipeline is rebuilt from its seeds, never an iterator already read from)."""
-        stream, self._built = (self._built, None) if self._built is not None else (self._stream(), None)
+        stream = self._built if self._built is not None else self._stream()
+        self._built = None
         if skip:
             stream.ds = stream.ds.skip(skip)
         return iter(stream)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_output
-from common.seeds import check_eval_request, eval_seed
+from common.seeds import check_eval_request, check_eval_task_count, eval_seed
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def task_seed_order(trained: list[str], known: list[str]) -> list[str]:
     some of the tasks plays the same episodes of each as evaluating all of them."""
     first = [t for t in trained if t in known]
     order = first + [t for t in known if t not in first]
-    check_eval_request(0, 0, len(order))
+    check_eval_task_count(len(order))
     return order
 
 
@@ -116,7 +116,7 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
     _check_int("--videos-per-task", videos_per_task, 0)
     _check_int("--workers", workers, 1)
     _check_int("--seed", seed, 0)
-    check_eval_request(seed, episodes_per_task, 0)
+    check_eval_request(seed, episodes_per_task)
     spec = load_policy_dir(policy_dir).spec  # fails early, with the policy's own message
     trained_env = spec.env
     env_name = env_name or trained_env.get("env", "tabletop")
