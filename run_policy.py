@@ -13,6 +13,13 @@ from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# OpenMP threads sleep rather than spin while they wait (policy/threads.py: on busy cores spinning made a
+# 2-thread step 3-4x slower). Read once, when torch loads, so it is set before any import of torch. An
+# empty value means "leave the OpenMP default" (bench step --load measures both).
+if os.environ.get("OMP_WAIT_POLICY") == "":
+    del os.environ["OMP_WAIT_POLICY"]
+else:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from common.cli import add_config_args, config_path, positive_float, positive_int  # noqa: E402
 
 DEMO_TASKS = ["reach", "lift", "push"]

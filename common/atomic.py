@@ -52,17 +52,57 @@ def temp_sibling(path: str | Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{suffix}")
 
 
+class WriteError(OSError):
+    """A write that failed, naming what was being written (a bare `[Errno 28]` names nothing)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _free_mib(path: Path) -> str:
+    for p in (path, *path.parents):
+        try:
+            return f"{shutil.disk_usage(p).free >> 20} MiB"
+        except OSError:
+            continue
+    return "unknown space"
+
+
+def write_error(exc: OSError, path: str | Path) -> WriteError:
+    """`exc` restated for the output `path`: a full disk says so, with the free space left there."""
+    path = Path(path)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        message = (f"disk full while writing {str(path)!r}: {exc.strerror or 'no space left on device'} "
+                   f"({_free_mib(path.parent)} free there); free some space or write elsewhere")
+    else:
+        message = f"could not write {str(path)!r}: {exc.strerror or exc}"
+    return WriteError(exc.errno, message, str(path))
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise an OSError of the block as a WriteError naming `path` (unless one is already named)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise write_error(exc, path) from exc
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path` for any writer to fill; on a clean exit the file is fsynced,
     renamed over `path` and the directory fsynced, so a crash leaves the old content or the new, never a
-    torn file. On an error the temporary file is removed and `path` is untouched."""
+    torn file. On an error the temporary file is removed and `path` is untouched; an OSError comes out
+    as a WriteError naming `path`."""
     path = Path(path)
     tmp = temp_sibling(path, suffix)
     try:
-        yield tmp
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        with naming_write_errors(path):
+            yield tmp
+            fsync_file(tmp)
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -13,6 +13,7 @@ policy/controllers) check at import that their names are the allowed names liste
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -369,6 +370,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         _require(self.steps >= 1, "train.steps", ">= 1", self.steps)
+        # numpy and tf.data seed generators take unsigned 32-bit seeds
+        _require(0 <= self.seed < 2 ** 32, "train.seed", "an integer in [0, 2**32)", self.seed)
         _require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         _require(self.lr > 0, "train.lr", "> 0", self.lr)
         _require(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
@@ -428,10 +431,7 @@ def _merged(source: Any, overrides: list[str] | None) -> ExperimentConfig:
         if isinstance(source, dict):
             layers.append(OmegaConf.create(source))
         elif source is not None:
-            path = Path(source)
-            if not path.is_file():
-                raise ConfigError(f"config file {str(path)!r}: expected an existing YAML file, found nothing there")
-            layers.append(OmegaConf.load(path))
+            layers.append(OmegaConf.create(_read_config_file(Path(source))))
         if overrides:
             for item in overrides:
                 if "=" not in item:
@@ -439,11 +439,70 @@ def _merged(source: Any, overrides: list[str] | None) -> ExperimentConfig:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
-        raise ConfigError(f"config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}".split("\n")[0]) from None
+        raise _merge_error(exc, overrides) from None
     cfg: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate_config(cfg)
     return cfg
+
+
+def _read_config_file(path: Path) -> dict:
+    """A config YAML file as a mapping. An empty file is refused: it would silently train on the
+    dataclass defaults, which are not the quickstart's settings."""
+    from common.yaml_files import YamlFileError, read_yaml, short_repr
+
+    if str(path) in ("", "."):
+        raise ConfigError("--config: expected a YAML file path, got an empty string")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r}: expected an existing YAML file, found nothing there")
+    try:
+        data = read_yaml(path)
+    except YamlFileError as exc:
+        raise ConfigError(f"config file {exc}") from None
+    if data is None:
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections (name, model, data, train), "
+                          "got an empty file (without --config the quickstart config is used)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r}: expected a mapping of sections (name, model, data, train), "
+                          f"got a {type(data).__name__}: {short_repr(data)}")
+    return data
+
+
+def _merge_error(exc: OmegaConfBaseException, overrides: list[str] | None) -> ConfigError:
+    """The OmegaConf error with the key it concerns. Merging a value onto a whole section (`train=5`)
+    comes with no key, so the override that causes it is found by merging them one at a time."""
+    msg = str(getattr(exc, "msg", None) or exc).split("\n")[0]
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    if key:
+        return ConfigError(f"config key {key!r}: {msg}")
+    base = _structured(ExperimentConfig)
+    for item in overrides or []:
+        try:
+            OmegaConf.merge(base, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException:
+            name = item.split("=", 1)[0]
+            if OmegaConf.select(base, name) is not None and OmegaConf.is_config(OmegaConf.select(base, name)):
+                return ConfigError(f"override {item!r}: expected a value for a key inside section {name!r} "
+                                   f"(e.g. {name}.<key>=VALUE), got a value for the whole section")
+            return ConfigError(f"override {item!r}: {msg}")
+    return ConfigError(f"config: {msg}")
+
+
+def _non_finite_fields(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every NaN or infinite float in a config tree. One walk covers every field,
+    present and future: an inf learning rate or bound would pass `> 0` checks and train NaN weights."""
+    found: list[tuple[str, float]] = []
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            found += _non_finite_fields(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found += _non_finite_fields(v, f"{prefix}[{i}]")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            found += _non_finite_fields(v, f"{prefix}.{k}")
+    elif isinstance(obj, float) and not math.isfinite(obj):
+        found.append((prefix, obj))
+    return found
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -463,7 +522,13 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
 
 
 def validate_config(cfg: ExperimentConfig) -> None:
-    """Semantic checks that types alone cannot express (each dataclass's `validate`)."""
+    """Semantic checks that types alone cannot express: every number finite, then each dataclass's
+    `validate`."""
+    bad = _non_finite_fields(cfg)
+    if bad:
+        key, value = bad[0]
+        _require(False, key, "a finite number" + (f" ({len(bad)} non-finite fields: "
+                 f"{', '.join(k for k, _ in bad)})" if len(bad) > 1 else ""), value)
     cfg.validate()
 
 

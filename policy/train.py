@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.atomic import copy_file_atomic, write_text_atomic
+from common.atomic import copy_file_atomic, naming_write_errors, write_text_atomic
 from datasets.augment import random_shift
 from policy import checkpoint as ckpt
 from policy.action_tokenizer import ActionTokenizer, action_tokenizer_from_dict
@@ -448,6 +448,7 @@ class Trainer:
         self.samples = 0
         self.last_loss = self.last_accuracy = float("nan")  # of the last step that was not skipped
         self.resumed_from = 0
+        self._last_batch: dict | None = None
         if resume:
             self._resume()
             if self.info.is_main:  # the merged config (e.g. a new train.steps) is what the next --resume reads
@@ -501,22 +502,70 @@ class Trainer:
         self.samples = int(state["samples"])
         self.last_loss, self.last_accuracy = float(state["last_loss"]), float(state["last_accuracy"])
 
-    def _write_policy(self, path: Path) -> Path:
-        model = self.model
-        if self.ema is not None:  # the saved policy runs the EMA weights
-            model = copy.deepcopy(self.model)
-            model.load_state_dict(self.ema.shadow)
+    def _policy_model(self) -> torch.nn.Module:
+        if self.ema is None:
+            return self.model
+        model = copy.deepcopy(self.model)  # the saved policy runs the EMA weights
+        model.load_state_dict(self.ema.shadow)
+        return model
+
+    def _write_policy(self, path: Path, model: torch.nn.Module | None = None) -> Path:
+        model = model if model is not None else self._policy_model()
         return save_policy_dir(path, self.cfg, model, self.tok_path, self.action_tok, self.action_stats, self.spec,
                                extra={"trained_steps": self.step, "dataset": self.dataset.dir,
                                       "ema_decay": self.cfg.train.ema_decay})
 
+    def check_publishable(self, model: torch.nn.Module) -> None:
+        """Refuse (TrainingError) to write weights that are not finite, or whose evaluation-mode logits on
+        the last training batch are not: such a policy returns NaN actions (e.g. after train.lr=1e30 the
+        weights stay finite but BatchNorm statistics and activations overflow). Nothing is written then,
+        so the newest checkpoint on disk and RUN_DIR/policy stay the last good ones."""
+        where = f"step {self.step}: refusing to save a policy"
+        last = ckpt.latest_checkpoint(self.out_dir)
+        keep = (f"the last good checkpoint {str(last)!r} is kept" if last is not None
+                else "no earlier checkpoint exists")
+        hint = "lower train.lr (and check the data's action statistics), then train again or --resume"
+        bad = [name for name, t in list(model.state_dict().items()) + list(self.model.state_dict().items())
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            names = sorted(set(bad))
+            raise TrainingError(f"{where} with non-finite weights: {len(names)} tensors contain NaN or inf "
+                                f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); {keep}; {hint}")
+        batch = self._last_batch
+        if batch is None:
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                dev = self.info.device
+                idx = batch["instruction"][:2]
+                proprio = batch.get("proprio")
+                embedding = batch.get("instruction_embedding") if self.uses_embedding else None
+                logits = _BCForward(model)(self.instr_ids[idx].to(dev), self.instr_mask[idx].to(dev),
+                                           batch["image"][:2].to(dev),
+                                           proprio[:2].to(dev) if proprio is not None else None,
+                                           batch["mask"][:2].to(dev),
+                                           embedding[:2].float().to(dev) if embedding is not None else None)
+        finally:
+            if was_training:
+                self._set_train_mode()
+        if not bool(torch.isfinite(logits).all()):
+            frac = float((~torch.isfinite(logits)).float().mean())
+            raise TrainingError(f"{where} whose actions are not finite: on the last training batch, "
+                                f"{frac:.0%} of its evaluation-mode action logits are NaN or inf; {keep}; {hint}")
+
     def save(self) -> Path:
-        """Checkpoint + RUN_DIR/policy (rank 0 writes; call on every rank)."""
+        """Checkpoint + RUN_DIR/policy (rank 0 writes; call on every rank), after check_publishable."""
         sync_buffers(self.model, self.info)
         if self.info.is_main:
-            ckpt.save_checkpoint(self.out_dir, self.step, self._state(), self._write_policy,
-                                 self.cfg.train.keep_checkpoints)
-            self._write_policy(self.out_dir / "policy")
+            model = self._policy_model()
+            self.check_publishable(model)
+            with naming_write_errors(ckpt.checkpoints_dir(self.out_dir) / f"step-{self.step:08d}"):
+                ckpt.save_checkpoint(self.out_dir, self.step, self._state(), lambda p: self._write_policy(p, model),
+                                     self.cfg.train.keep_checkpoints)
+            with naming_write_errors(self.out_dir / "policy"):
+                self._write_policy(self.out_dir / "policy", model)
         barrier(self.info)
         return self.out_dir / "policy"
 
@@ -541,6 +590,7 @@ class Trainer:
         torch.manual_seed(seed)  # dropout: a pure function of (seed, rank, step), resumable
         t0 = time.perf_counter()
         micro = [next(self._batches) for _ in range(self.cfg.train.grad_accum)]
+        self._last_batch = micro[-1]  # what check_publishable runs the policy on
         wait = time.perf_counter() - t0
         stats = self.opt.step(micro, self._loss, self.step)
         self.step += 1
@@ -552,7 +602,10 @@ class Trainer:
         assert self.evaluator is not None  # checked in __init__ when eval_every is on
         rng = ckpt.capture_rng()
         threads = torch.get_num_threads()
-        policy = self._write_policy(self.out_dir / "policy")
+        model = self._policy_model()
+        self.check_publishable(model)
+        with naming_write_errors(self.out_dir / "policy"):
+            policy = self._write_policy(self.out_dir / "policy", model)
         try:
             out = self.evaluator(Path(policy), self.cfg.train.eval_episodes,
                                  self.out_dir / "eval" / f"step-{self.step:08d}", self.cfg.train.eval_videos)

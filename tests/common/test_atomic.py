@@ -1,6 +1,7 @@
 """common.atomic: every file the project writes goes through it, so its promises are tested here."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -55,3 +56,25 @@ def test_swap_in_replaces_a_directory_and_restore_puts_an_interrupted_swap_back(
     os.replace(out, aside)
     assert atomic.restore_set_aside(out) and (out / "v").read_text() == "2"
     assert not atomic.restore_set_aside(out)  # nothing to restore once `out` exists
+
+
+def test_a_full_disk_is_a_named_error_and_leaves_the_old_file(tmp_path):
+    # /dev/full answers every write with ENOSPC: a real full disk, without filling one.
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this platform")
+    path = tmp_path / "train_result.json"
+    path.write_text("old")
+    with pytest.raises(atomic.WriteError) as err:
+        with atomic.atomic_output(path) as tmp:
+            tmp.write_bytes(b"new")
+            with open("/dev/full", "wb") as full:
+                full.write(b"x" * 10)
+    assert str(err.value).startswith(f"disk full while writing '{path}': No space left on device (")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["train_result.json"]
+
+
+def test_other_write_errors_name_the_path_too(tmp_path):
+    path = tmp_path / "missing-dir" / "out.json"
+    with pytest.raises(atomic.WriteError, match=rf"could not write '{path}': No such file or directory"):
+        atomic.write_text_atomic(path, "x")
