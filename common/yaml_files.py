@@ -8,71 +8,90 @@ expand to is counted on that graph before anything is constructed.
 """
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-# Far above any real config (the quickstart expands to ~150 nodes), far below a harmful expansion.
+# Far above any real config or entries file (the quickstart expands to ~150 nodes), far below a harmful
+# expansion (a 486-byte, 9-level alias bomb expands to 9**9 strings).
 MAX_EXPANDED_NODES = 100_000
 MAX_REPR = 200
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxlist, _repr.maxtuple, _repr.maxdict, _repr.maxset = 3, 12, 12, 12, 12
+_repr.maxstring, _repr.maxother = 80, 80
 
 
 class YamlFileError(ValueError):
     """A YAML file that cannot be read; the message names the file, what was expected and what came."""
 
 
-def short_repr(value: Any, limit: int = MAX_REPR) -> str:
-    """repr(value) cut to `limit` characters: values from files go into messages, and must not flood them."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+def short_repr(value: Any) -> str:
+    """A bounded repr for error messages: the work and the text stay small whatever `value` holds (an
+    expanded alias bomb would otherwise print billions of items)."""
+    text = _repr.repr(value)
+    return text if len(text) <= MAX_REPR else text[:MAX_REPR - 3] + "..."
 
 
-def _expanded_size(node: yaml.Node, limit: int) -> int:
-    """Nodes the document would have with every alias expanded, stopping once past `limit`. Memoised on
-    node identity: an alias is the same node object, so the walk is linear in the composed graph."""
+def expanded_nodes(node: yaml.Node, where: str) -> int:
+    """Nodes of a composed document once its aliases are expanded, counted on the node graph with each
+    node visited once: linear in the file however far the aliases nest, and iterative, so deep nesting
+    never hits Python's recursion limit. A cycle (an alias inside its own anchor) would expand forever
+    and is refused."""
     sizes: dict[int, int] = {}
-
-    def size(n: yaml.Node, depth: int) -> int:
+    open_: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while stack:
+        n, done = stack.pop()
         if id(n) in sizes:
-            return sizes[id(n)]
-        if depth > 200:  # recursive aliases (a node containing itself) expand forever
-            return limit + 1
-        total = 1
+            continue
         if isinstance(n, yaml.SequenceNode):
-            for child in n.value:
-                total += size(child, depth + 1)
-                if total > limit:
-                    break
+            kids = list(n.value)
         elif isinstance(n, yaml.MappingNode):
-            for k, v in n.value:
-                total += size(k, depth + 1) + size(v, depth + 1)
-                if total > limit:
-                    break
-        sizes[id(n)] = total
-        return total
-
-    return size(node, 0)
+            kids = [x for kv in n.value for x in kv]
+        else:
+            sizes[id(n)] = 1
+            continue
+        if done:
+            open_.discard(id(n))
+            sizes[id(n)] = 1 + sum(sizes[id(k)] for k in kids)
+            continue
+        open_.add(id(n))
+        stack.append((n, True))
+        for k in kids:
+            if id(k) in open_:  # k is n or one of its ancestors
+                raise YamlFileError(f"{where}: expected a tree of values, got a YAML alias that refers to its own "
+                                    f"anchor (line {k.start_mark.line + 1})")
+            stack.append((k, False))
+    return sizes[id(node)]
 
 
 def parse_yaml(text: str, where: str, max_nodes: int = MAX_EXPANDED_NODES) -> Any:
     """The one document in `text` as plain Python data (None for an empty document); `where` names the
     source in errors (a file path, usually)."""
+    loader = yaml.SafeLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise YamlFileError(f"{where}: expected valid YAML, got a syntax error: {_first_line(exc)}") from None
-    if node is None:
-        return None
-    n = _expanded_size(node, max_nodes)
-    if n > max_nodes:
-        raise YamlFileError(f"{where}: expected at most {max_nodes} YAML nodes once aliases are expanded, got more "
-                            "(nested or recursive aliases; write the values out instead)")
-    try:
-        return yaml.SafeLoader(text).get_single_data()
-    except yaml.YAMLError as exc:  # e.g. a tag such as !!python/object, which safe loading refuses
-        raise YamlFileError(f"{where}: expected plain YAML data (mappings, lists, strings, numbers), "
-                            f"got {_first_line(exc)}") from None
+        try:
+            node = loader.get_single_node()  # the node graph: an alias is one shared node, not a copy
+        except yaml.YAMLError as exc:
+            raise YamlFileError(f"{where}: expected valid YAML, got a syntax error: {_first_line(exc)}") from None
+        except RecursionError:  # PyYAML composes recursively: nesting thousands deep
+            raise YamlFileError(f"{where}: expected YAML data, got nesting too deep to read") from None
+        if node is None:
+            return None
+        n = expanded_nodes(node, where)
+        if n > max_nodes:
+            raise YamlFileError(f"{where}: expected at most {max_nodes} YAML nodes once aliases are expanded, got "
+                                f"{n} (nested aliases: a 'billion laughs' file? write the values out instead)")
+        try:
+            return loader.construct_document(node)
+        except yaml.YAMLError as exc:  # e.g. a tag such as !!python/object, which safe loading refuses
+            raise YamlFileError(f"{where}: expected plain YAML data (mappings, lists, strings, numbers), "
+                                f"got {_first_line(exc)}") from None
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: str | Path, max_nodes: int = MAX_EXPANDED_NODES) -> Any:
@@ -96,4 +115,4 @@ def _first_line(exc: yaml.YAMLError) -> str:
     text = f"{context}, {problem}" if context and problem and context not in problem else str(problem)
     if mark is not None:
         text += f" (line {mark.line + 1}, column {mark.column + 1})"
-    return short_repr(text, 300).strip("'\"") if len(text) > 300 else text
+    return text if len(text) <= 300 else text[:297] + "..."

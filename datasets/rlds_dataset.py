@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from datasets.source import (MAX_OPEN_SHARDS, DatasetError, DatasetSource, all_keys, dataset_error_from_tf,
-                             get_feature, open_source)
+from datasets.source import MAX_OPEN_SHARDS, DatasetError, DatasetSource, all_keys, get_feature, open_source, read_error
 from datasets.standardize import Standardization, select
 from datasets.statistics import dataset_scan, scan_digest
 from datasets.tf_setup import tf, tfds
@@ -77,9 +76,19 @@ class RLDSDataset:
         try:
             ep = next(iter(self.episode_tensors(decode_images=True, parallel_calls=1).take(1)), None)
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as exc:
-            raise dataset_error_from_tf(exc, f"dataset {self.dir!r}: split {self.split!r}: first episode unreadable") from None
+            raise self.read_error(exc, "first episode unreadable") from None
         if ep is not None and int(ep["action"].shape[-1]) != self.action_dim:
             raise self._field_error(self.entry.action, f"{self.action_dim} action values", int(ep["action"].shape[-1]))
+
+    @property
+    def shard_files(self) -> list[str]:
+        """The split's shard files (as dataset_info.json lists them)."""
+        return [str(p) for p in self.builder.info.splits[self.split].filepaths]
+
+    def read_error(self, exc: tf.errors.OpError, what: str) -> DatasetError:
+        """A tf.data failure reading this dataset as a named DatasetError (a corrupt shard: CorruptDatasetError
+        naming the file), never a raw TensorFlow error."""
+        return read_error(exc, f"dataset {self.dir!r}: split {self.split!r}: {what}", self.shard_files, self.dir)
 
     # -- validation of the entry against the dataset's features ------------------------------------
     def _field_error(self, key: str, expected: str, got: Any) -> DatasetError:

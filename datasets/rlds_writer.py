@@ -6,21 +6,23 @@ observation with is_last=True and a zero (invalid) action.
 
 Writes are atomic: episodes go to a hidden staging directory next to the destination, which is
 fsynced and renamed into place (common.atomic.swap_in) only after the writer has closed and the dataset
-reads back.
+reads back. A full disk ends the write with DiskFullError naming --out, and the staging directory removed.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from dm_env import specs
 
-from common.atomic import aside_path, fsync_tree, restore_set_aside, set_aside, swap_in
+from common.atomic import WriteError, aside_path, fsync_tree, restore_set_aside, set_aside, swap_in
 from datasets.source import SIDECAR
 from datasets.tf_setup import tf, tfds  # noqa: F401  (hides GPUs from TensorFlow)
 
@@ -84,6 +86,29 @@ EPISODE_METADATA = {
 }
 
 
+class DiskFullError(WriteError):
+    """The disk filled up while a dataset was written; names --out. Nothing is left behind."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    # TensorFlow's file writers (TFRecordWriter, tf.io.gfile) report ENOSPC/EDQUOT as RESOURCE_EXHAUSTED.
+    if isinstance(exc, tf.errors.ResourceExhaustedError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _free_space(path: Path) -> str:
+    for p in (path, *path.parents):
+        try:
+            return f"{shutil.disk_usage(p).free >> 20} MiB free there"
+        except OSError:
+            continue
+    return "free space unknown"
+
+
 class AtomicRLDSWriter:
     """Writes episodes into a staging directory; `commit()` moves the finished dataset to `out_dir`.
 
@@ -135,15 +160,37 @@ class AtomicRLDSWriter:
             step_metadata_info={},
             episode_metadata_info=EPISODE_METADATA,
         )
-        self.staging.mkdir()
-        self._writer = episode_writer.EpisodeWriter(
-            data_directory=str(self.staging), ds_config=ds_config,
-            max_episodes_per_file=episodes_per_shard, version=DATASET_VERSION)
         self.num_episodes = 0
         self.num_steps = 0
+        self._writer = None
+        with self._disk_full_named():
+            self.staging.mkdir()
+            self._writer = episode_writer.EpisodeWriter(
+                data_directory=str(self.staging), ds_config=ds_config,
+                max_episodes_per_file=episodes_per_shard, version=DATASET_VERSION)
+
+    @contextlib.contextmanager
+    def _disk_full_named(self) -> Iterator[None]:
+        """A full disk, wherever in the write it shows (a shard, dataset_info.json, the sidecar, fsync), ends
+        as DiskFullError naming --out; the staging directory is removed first, so no half dataset is left
+        and an existing dataset at --out (with --overwrite) is untouched."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001  (anything but a full disk is re-raised as it came)
+            if not _disk_full(exc):
+                raise
+            detail = getattr(exc, "message", None) or getattr(exc, "strerror", None) or str(exc)
+            self.abort()
+            kept = ("; the dataset already at --out is untouched" if (self.out_dir / "dataset_info.json").is_file()
+                    else "")
+            raise DiskFullError(
+                f"--out {str(self.out_dir)!r}: the disk is full: writing the dataset failed after "
+                f"{self.num_episodes} episode(s) ({detail}; {_free_space(self.out_dir.parent)}); the partial dataset "
+                f"was removed{kept}; free some space or choose another --out") from exc
 
     def add(self, episode: Episode) -> None:
-        self._writer.add_episode(episode.to_rlds(self.action_shape, self.action_dtype))
+        with self._disk_full_named():
+            self._writer.add_episode(episode.to_rlds(self.action_shape, self.action_dtype))
         self.num_episodes += 1
         self.num_steps += len(episode.actions)
 
@@ -151,22 +198,26 @@ class AtomicRLDSWriter:
         if self.num_episodes == 0:
             self.abort()
             raise ValueError("collect: no episode to write (every episode failed or none was requested)")
-        self._writer.close()
         built = self.staging  # the EpisodeWriter's data_directory is the TFDS dataset directory itself
-        info = {**self.sidecar, "num_episodes": self.num_episodes, "num_transitions": self.num_steps}
-        (built / SIDECAR).write_text(json.dumps(info, indent=2, sort_keys=True))
-        tfds.builder_from_directory(str(built))  # must read back before it is published
+        with self._disk_full_named():
+            self._writer.close()
+            info = {**self.sidecar, "num_episodes": self.num_episodes, "num_transitions": self.num_steps}
+            (built / SIDECAR).write_text(json.dumps(info, indent=2, sort_keys=True))
+            tfds.builder_from_directory(str(built))  # must read back before it is published
+            # The staging tree is on disk before the rename publishes it (fsync can be where ENOSPC shows).
+            fsync_tree(built)
         if self.out_dir.exists() and not self.overwrite:
             self.out_dir.rmdir()  # only an empty directory reaches here (checked in __init__)
-        # With --overwrite the old dataset stays in place until the new one is complete. The staging tree
-        # is on disk before the rename publishes it (a crash leaves the old dataset or the new, whole).
-        fsync_tree(built)
+        # With --overwrite the old dataset stays in place until the new one is complete (a crash leaves the
+        # old dataset or the new, whole).
         swap_in(built, self.out_dir, aside_path(self.out_dir))
         return self.out_dir
 
     def abort(self) -> None:
+        writer, self._writer = self._writer, None
         try:
-            self._writer.close()
+            if writer is not None:
+                writer.close()
         except Exception:  # noqa: BLE001  (the staging directory is discarded anyway)
             pass
         shutil.rmtree(self.staging, ignore_errors=True)

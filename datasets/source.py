@@ -27,6 +27,10 @@ class DatasetError(ValueError):
     """A dataset that cannot be used; the message names the dataset, the file and the field."""
 
 
+class CorruptDatasetError(DatasetError):
+    """A shard whose bytes fail TFRecord's checksums (changed after they were written); names the file."""
+
+
 def user_cache_root() -> Path:
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
@@ -169,6 +173,69 @@ def open_source(path: str | Path, split: str = "train", verify_shards: bool = Tr
     return DatasetSource(d, builder, split, num_episodes, read_sidecar(d), features)
 
 
+def _record_holding(path: str, offset: int) -> tuple[int, int]:
+    """(1-based index of the record spanning byte `offset`, number of records) from the record headers."""
+    with tf.io.gfile.GFile(path, "rb") as f:
+        size = f.size()
+        pos, n, hit = 0, 0, 0
+        while pos < size:
+            f.seek(pos)
+            header = f.read(12)
+            if len(header) < 12:
+                break
+            n += 1
+            end = pos + 12 + struct.unpack("<Q", header[:8])[0] + 4
+            if pos <= offset < end:
+                hit = n
+            pos = end
+    return hit, n
+
+
+def _tf_message(exc: tf.errors.OpError) -> str:
+    """TensorFlow's message without its function-node prefix and op suffix."""
+    text = exc.message.replace("\\'", "'")
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:\w+\].*$", "", text, flags=re.S).strip()
+
+
+def find_corrupt_shard(shard_files: list[str], dataset: str) -> CorruptDatasetError | None:
+    """Re-read each shard's raw records (checksums verified, nothing decoded) to name the file behind a
+    DataLossError: tf.data reports only 'corrupted record at BYTE', not which file. Only run after a read
+    failed, so the full pass costs nothing on healthy data. None when every shard reads back."""
+    for fp in shard_files:
+        try:
+            tf.data.TFRecordDataset(fp).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
+        except tf.errors.DataLossError as exc:
+            text = _tf_message(exc)
+            at = re.search(r"corrupted record at (\d+)", text)
+            if not at:
+                first = text.splitlines()[0] if text else "data loss"
+                return CorruptDatasetError(f"dataset {dataset!r}: shard file {Path(fp).name!r} is unreadable: "
+                                           f"{first} (re-copy or re-collect it)")
+            where = ""
+            try:
+                rec, n = _record_holding(fp, int(at.group(1)))
+                where = f" (record {rec} of {n})" if rec else ""
+            except (OSError, tf.errors.OpError, struct.error):
+                pass
+            return CorruptDatasetError(
+                f"dataset {dataset!r}: shard file {Path(fp).name!r} is corrupt: {at.group(0)}{where}: a TFRecord "
+                "checksum does not match the bytes on disk (the file changed after it was written; re-copy or "
+                "re-collect it)")
+        except tf.errors.OpError:
+            continue  # missing/unreadable files are named by check_tfrecord_shard, not here
+    return None
+
+
+def read_error(exc: tf.errors.OpError, context: str, shard_files: list[str], dataset: str) -> DatasetError:
+    """A named DatasetError for a tf.data failure while reading `dataset`: a corrupt shard names its file."""
+    if isinstance(exc, tf.errors.DataLossError):
+        found = find_corrupt_shard(shard_files, dataset)
+        if found is not None:
+            return found
+    return dataset_error_from_tf(exc, context)
+
+
 def dataset_error_from_tf(exc: tf.errors.OpError, context: str) -> DatasetError:
     """Our own assertion messages (dataset, field, declared shape) out of a tf.data error."""
     text = exc.message.replace("\\'", "'")
@@ -182,4 +249,5 @@ def dataset_error_from_tf(exc: tf.errors.OpError, context: str) -> DatasetError:
         return DatasetError(f"{ours.group(1)}, got {got.group(1)}x{got.group(2)} frames in the shards")
     if ours:
         return DatasetError(ours.group(1))
-    return DatasetError(f"{context}: {text.splitlines()[0] if text else type(exc).__name__}")
+    plain = _tf_message(exc)
+    return DatasetError(f"{context}: {plain.splitlines()[0] if plain else type(exc).__name__}")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.action_interface import action_interface
+from common.yaml_files import YamlFileError, parse_yaml, short_repr
 
 
 class StandardizationError(ValueError):
@@ -49,8 +50,6 @@ ENTRY_KEYS = {
     "action_high": "upper bound per action dimension (vector actions)",
 }
 FIELD_KEYS = {"key", "size", "low", "high", "discrete"}
-
-
 @dataclass(frozen=True)
 class ActionFieldSpec:
     key: str
@@ -114,7 +113,8 @@ class Standardization:
 
 
 def _fail(entry: str, key: str, expected: str, got: Any) -> StandardizationError:
-    return StandardizationError(f"standardization entry {entry!r}, key {key!r}: expected {expected}, got {got!r}")
+    return StandardizationError(f"standardization entry {short_repr(entry)}, key {key!r}: expected {expected}, "
+                                f"got {short_repr(got)}")
 
 
 def _str_list(entry: str, key: str, v: Any, allow_empty: bool = False) -> tuple[str, ...]:
@@ -143,10 +143,10 @@ def _field(entry: str, i: int, d: Any) -> ActionFieldSpec:
     where = f"action_fields[{i}]"
     if not isinstance(d, Mapping):
         raise _fail(entry, where, "a mapping {key, size, low, high, discrete}", d)
-    unknown = sorted(set(d) - FIELD_KEYS)
+    unknown = sorted(set(d) - FIELD_KEYS, key=str)  # key=str: YAML keys may be numbers
     if unknown:
-        raise StandardizationError(f"standardization entry {entry!r}, key {where}: unknown key {unknown[0]!r} "
-                                   f"(expected some of {sorted(FIELD_KEYS)})")
+        raise StandardizationError(f"standardization entry {short_repr(entry)}, key {where}: unknown key "
+                                   f"{short_repr(unknown[0])} (expected some of {sorted(FIELD_KEYS)})")
     if not isinstance(d.get("key"), str) or not d["key"]:
         raise _fail(entry, f"{where}.key", "a field name such as 'world_vector'", d.get("key"))
     size = d.get("size")
@@ -173,16 +173,17 @@ def _field(entry: str, i: int, d: Any) -> ActionFieldSpec:
 def entry_from_dict(name: str, d: Any) -> Standardization:
     """Validate one entry (a mapping of ENTRY_KEYS) into a Standardization."""
     if not isinstance(name, str) or not name:
-        raise StandardizationError(f"standardization entry name: expected a non-empty string, got {name!r}")
+        raise StandardizationError("standardization entry name: expected a non-empty string, "
+                                   f"got {short_repr(name)}")
     if not isinstance(d, Mapping):
         raise _fail(name, "<entry>", "a mapping of " + ", ".join(ENTRY_KEYS), d)
-    unknown = sorted(set(d) - set(ENTRY_KEYS))
+    unknown = sorted(set(d) - set(ENTRY_KEYS), key=str)
     if unknown:
-        raise StandardizationError(f"standardization entry {name!r}: unknown key {unknown[0]!r} "
-                                   f"(expected some of {sorted(ENTRY_KEYS)})")
+        raise StandardizationError(f"standardization entry {short_repr(name)}: unknown key "
+                                   f"{short_repr(unknown[0])} (expected some of {sorted(ENTRY_KEYS)})")
     for required in ("cameras", "instruction"):
         if required not in d:
-            raise StandardizationError(f"standardization entry {name!r}: missing key {required!r} "
+            raise StandardizationError(f"standardization entry {short_repr(name)}: missing key {required!r} "
                                        f"({ENTRY_KEYS[required]})")
     enc = d.get("instruction_encoding", "text")
     if enc not in ("text", "codepoints"):
@@ -195,8 +196,9 @@ def entry_from_dict(name: str, d: Any) -> Standardization:
     low = _float_list(name, "action_low", d["action_low"]) if d.get("action_low") is not None else None
     high = _float_list(name, "action_high", d["action_high"]) if d.get("action_high") is not None else None
     if fields and (names or low or high):
-        raise StandardizationError(f"standardization entry {name!r}: action_names/action_low/action_high are for "
-                                   "vector actions; a dict action takes its names and bounds from action_fields")
+        raise StandardizationError(f"standardization entry {short_repr(name)}: action_names/action_low/action_high "
+                                   "are for vector actions; a dict action takes its names and bounds from "
+                                   "action_fields")
     if (low is None) != (high is None) or (low is not None and len(low) != len(high)):
         raise _fail(name, "action_low/action_high", "both given, with the same length", (low, high))
     if names is not None and low is not None and len(names) != len(low):
@@ -276,18 +278,17 @@ def load_registry(extra: str | Path | Mapping[str, Any] | None = None) -> dict[s
     raw: dict[str, Any] = dict(BUILTIN)
     if extra is not None:
         if isinstance(extra, (str, Path)):
-            import yaml
-
             p = Path(extra)
             if not p.is_file():
                 raise StandardizationError(f"data.standardization {str(p)!r}: expected a YAML file of entries, "
                                            "found nothing there")
-            try:
-                extra = yaml.safe_load(p.read_text())
-            except yaml.YAMLError as exc:
-                raise StandardizationError(f"data.standardization {str(p)!r}: not valid YAML: {exc}") from None
+            try:  # refuses alias bombs before anything is built (common/yaml_files.py)
+                extra = parse_yaml(p.read_text(), f"data.standardization {str(p)!r}")
+            except YamlFileError as exc:
+                raise StandardizationError(str(exc)) from None
         if not isinstance(extra, Mapping) or not extra:
-            raise StandardizationError(f"standardization entries: expected a mapping name -> entry, got {extra!r}")
+            raise StandardizationError(f"standardization entries: expected a mapping name -> entry, "
+                                       f"got {short_repr(extra)}")
         raw.update(extra)
     return {n: entry_from_dict(n, d) for n, d in raw.items()}
 
@@ -303,7 +304,8 @@ def select(value: str | Standardization, dataset_name: str, sidecar: Mapping[str
     if isinstance(value, Standardization):
         return value
     if not isinstance(value, str) or not value:
-        raise StandardizationError(f"data.standardization: expected 'auto', an entry name or a YAML file, got {value!r}")
+        raise StandardizationError("data.standardization: expected 'auto', an entry name or a YAML file, "
+                                   f"got {short_repr(value)}")
     user = None
     if is_entry_file(value):
         user = load_registry(value)

@@ -22,7 +22,8 @@ import torch
 
 from datasets.rlds_dataset import RLDSDataset
 from datasets.sequences import SequenceSpec, make_sequences
-from datasets.source import DatasetError, DatasetSource, has_sidecar, open_source
+from datasets.source import (DatasetError, DatasetSource, dataset_error_from_tf, find_corrupt_shard, has_sidecar,
+                             open_source)
 from datasets.standardize import Standardization, StandardizationError, from_keys, select
 from datasets.tf_setup import tf
 from datasets.torch_batches import TorchBatches
@@ -177,7 +178,16 @@ def open_training_inputs(cfg: Any, data_path: str | Path | None, *, rank: int = 
                 s = s.map(lambda el: {k: v for k, v in el.items() if k != "instruction_embedding"})
             seqs.append(s.repeat() if len(datasets) > 1 else s)
         mixed = seqs[0] if len(seqs) == 1 else tf.data.Dataset.sample_from_datasets(seqs, weights, seed=seed)
-        return TorchBatches(mixed, batch_size, repeat=repeat)
+        return TorchBatches(mixed, batch_size, repeat=repeat, on_error=read_error)
+
+    def read_error(exc: tf.errors.OpError) -> DatasetError:
+        # A DataLossError names no file: look for the corrupt shard in each dataset of the stream.
+        if isinstance(exc, tf.errors.DataLossError):
+            for ds in datasets:
+                found = find_corrupt_shard(ds.shard_files, ds.dir)
+                if found is not None:
+                    return found
+        return dataset_error_from_tf(exc, "reading training batches")
 
     return TrainingInputs(first, datasets, weights, scan, instructions, spec, batch_size, list(first.action_names),
                           _stream=stream, _built=stream())

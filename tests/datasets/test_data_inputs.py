@@ -247,9 +247,11 @@ def test_instruction_missing_from_a_stale_scan_cache_is_named(dataset):
     path, _ = dataset
     RLDSDataset(path).scan()
     (cache,) = path.glob("scan-train-*.json")
-    scan = json.loads(cache.read_text())
-    scan["instructions"] = ["touch the red block"]  # e.g. shards rewritten under the same names and counts
-    cache.write_text(json.dumps(scan))
+    record = json.loads(cache.read_text())
+    # A cache whose content key still matches but whose scan is wrong (edited by hand, or written by a
+    # buggy version): the missing instruction is still named when its first batch is read.
+    record["scan"]["instructions"] = ["touch the red block"]
+    cache.write_text(json.dumps(record))
     inputs = open_training_inputs(cfg_for(), path)
     assert inputs.instructions == ["touch the red block"]
     with pytest.raises(DatasetError, match=rf"dataset '{path}': instruction 'touch the blue block' is not in the "

@@ -48,6 +48,7 @@ def test_a_value_for_a_whole_section_names_the_override(override):
     ("- 1\n- 2\n", r"expected a mapping of sections .*got a list: \[1, 2\]"),
     ("train: [1,\n", r"expected valid YAML, got a syntax error: .*\(line \d+, column \d+\)"),
     ("train: !!python/object:os.system {}\n", r"expected plain YAML data .*python/object"),
+    ("train: &r [1, *r]\n", r"expected a tree of values, got a YAML alias that refers to its own anchor"),
     ("just a string\n", r"expected a mapping .*got a str"),
 ])
 def test_bad_config_files_are_named_errors(tmp_path, text, error):
