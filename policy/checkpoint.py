@@ -117,12 +117,50 @@ def remove_stale_staging(run_dir: str | Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _previous(ckpt: Path) -> str:
+    """The newest complete checkpoint before `ckpt`, for messages about a bad one."""
+    m = _STEP_DIR.match(ckpt.name)
+    earlier = [d for s, d in list_checkpoints(ckpt.parent.parent) if m is None or s < int(m.group(1))]
+    if not earlier:
+        return "there is no earlier checkpoint to resume from"
+    return (f"the previous checkpoint is {str(earlier[-1])!r}: move {str(ckpt)!r} out of "
+            f"{str(ckpt.parent)!r} to resume from it")
+
+
 def load_train_state(ckpt: str | Path) -> dict[str, Any]:
-    path = Path(ckpt) / STATE_FILE
+    """checkpoints/step-N/train_state.pt -> the state dict. Missing, empty, truncated or garbage files
+    raise CheckpointError naming the file and the previous checkpoint (torch's own errors would suggest
+    weights_only=False, i.e. unpickling an untrusted file)."""
+    ckpt = Path(ckpt)
+    path = ckpt / STATE_FILE
+    where = f"checkpoint {str(path)!r}"
+    if not path.is_file():
+        raise CheckpointError(f"{where}: expected the training state, found no file (an incomplete "
+                              f"checkpoint?); {_previous(ckpt)}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{where}: corrupt: expected the training state, got an empty file; {_previous(ckpt)}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"checkpoint {str(path)!r}: could not be read: {exc}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise CheckpointError(f"{where}: could not be read: {exc.strerror or exc}; {_previous(ckpt)}") from None
+    except Exception as exc:  # noqa: BLE001  garbage raises UnpicklingError, UnicodeDecodeError, KeyError, ...
+        text = " ".join(str(exc).split())
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's archive; anything else is not a checkpoint
+        if not is_zip:
+            cause = f"not a torch checkpoint ({size} bytes, no torch.save archive header)"
+        elif "Unsupported global" in text:
+            cause = ("it holds objects other than tensors and plain containers (written by another version of "
+                     "this stack?)")
+        else:
+            cause = f"truncated or damaged ({size} bytes; {type(exc).__name__}: {text.split('. ')[0][:100]})"
+        raise CheckpointError(f"{where}: corrupt: expected the training state saved by `train`, {cause}; "
+                              f"{_previous(ckpt)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: corrupt: expected the training state as a dict, got "
+                              f"{type(state).__name__}; {_previous(ckpt)}")
+    return state
 
 
 # -- run metadata ------------------------------------------------------------------------------

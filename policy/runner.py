@@ -5,6 +5,9 @@ once per reset. Every observation is validated against the policy's input spec b
 model. A runner steps one robot (`reset` / `step`) or a batch of robots whose episodes start together
 (`reset_batch` / `step_batch`); robots on their own schedules each get a runner (`fork` shares the
 weights, not the state).
+
+No step returns a non-finite action: logits or actions holding NaN or inf raise NonFiniteActionError
+(naming the robots, the action entries and the cause) and end the episode, whose memory may hold them.
 """
 from __future__ import annotations
 
@@ -17,13 +20,19 @@ import torch
 from policy.action_tokenizer import DictActionTokenizer
 from policy.config import ConfigError
 from policy.controllers import controller_info, controller_names
-from policy.policy_dir import LoadedPolicy, PolicyDirError, load_policy_dir
+from policy.policy_dir import LoadedPolicy, PolicyDirError, describe_non_finite, load_policy_dir, non_finite_tensors
 
 EMBEDDING_DIM = 512  # precomputed instruction embeddings (OXE's Universal Sentence Encoder)
 
 
 class ObservationError(ValueError):
     """An observation that does not match the policy's input spec (names the key, expected, got)."""
+
+
+class NonFiniteActionError(RuntimeError):
+    """A step whose logits or decoded actions hold NaN or inf: raised instead of returning the action.
+    Names the robot(s), the action entries, NaN or inf, and where it came from (non-finite weights, or
+    activations that overflowed with finite weights). The runner's episode is over: reset to go on."""
 
 
 class PolicyRunner:
@@ -191,13 +200,23 @@ class PolicyRunner:
         image = torch.from_numpy(np.stack([c[0] for c in checked])).to(self.device)  # own, writable copy
         prop = (torch.from_numpy(np.stack([c[1] for c in checked])).to(self.device)
                 if self.spec.proprio_key else None)
+        attn = None
         if self.record_attention:
-            logits, self._state, attn = self.model.step(image, self._context, prop, self._state, return_attention=True)
-            self.attention.append({k: v.float().cpu().numpy() for k, v in attn.items()})
+            logits, state, attn = self.model.step(image, self._context, prop, self._state, return_attention=True)
         else:
-            logits, self._state = self.model.step(image, self._context, prop, self._state)
+            logits, state = self.model.step(image, self._context, prop, self._state)
+        actions = self.decode(logits)
+        bad = self._non_finite_rows(logits, actions)
+        if bad:
+            message = self._non_finite_message(logits, actions, bad,
+                                               [f"robot {j}" if self.batch_size > 1 else "the robot" for j in bad])
+            self.end_episode()  # the new memory may hold the NaN: stepping on from either state is undefined
+            raise NonFiniteActionError(message)
+        self._state = state
+        if attn is not None:
+            self.attention.append({k: v.float().cpu().numpy() for k, v in attn.items()})
         self.steps += 1
-        return self.decode(logits).cpu().numpy().astype(np.float32)
+        return actions.cpu().numpy().astype(np.float32)
 
     @staticmethod
     @torch.inference_mode()
@@ -242,12 +261,54 @@ class PolicyRunner:
                     if first.spec.proprio_key else None)
             context = torch.cat([r._context for r in rs])  # type: ignore[misc]
             logits, state = first.model.step(image, context, prop, torch.cat([r._state for r in rs]))
-            actions = first.decode(logits).cpu().numpy().astype(np.float32)
+            decoded = first.decode(logits)
+            bad = set(first._non_finite_rows(logits, decoded))
+            actions = decoded.cpu().numpy().astype(np.float32)
             for j, (r, (i, _, _)) in enumerate(zip(rs, members)):
+                if j in bad:  # this runner only: the others' rows are finite and step on
+                    out[i] = NonFiniteActionError(first._non_finite_message(logits, decoded, [j], ["the robot"]))
+                    r.end_episode()
+                    continue
                 r._state = state[j:j + 1].clone()  # its own storage: no runner holds a view of another's
                 r.steps += 1
                 out[i] = actions[j]
         return out  # type: ignore[return-value]
+
+    # ---- non-finite outputs ------------------------------------------------------------------
+    @staticmethod
+    def _non_finite_rows(logits: torch.Tensor, actions: torch.Tensor) -> list[int]:
+        """Robots (rows) whose logits or actions are not all finite. Logits count too: argmax picks a NaN
+        logit's bin as if it won, giving a finite but meaningless action."""
+        ok = torch.isfinite(logits).flatten(1).all(1) & torch.isfinite(actions).flatten(1).all(1)
+        return [] if bool(ok.all()) else (~ok).nonzero().flatten().tolist()
+
+    def _non_finite_message(self, logits: torch.Tensor, actions: torch.Tensor, rows: list[int],
+                            who: list[str]) -> str:
+        names = self.action_names
+        parts = []
+        for j, label in zip(rows, who):
+            lg, act = logits[j], actions[j]
+            entries = (~torch.isfinite(lg)).flatten(1).any(1) | ~torch.isfinite(act)  # per action entry
+            bad_names = [names[k] if k < len(names) else str(k) for k in entries.nonzero().flatten().tolist()]
+            kinds = []
+            if bool(torch.isnan(lg).any()) or bool(torch.isnan(act).any()):
+                kinds.append("NaN")
+            if bool(torch.isinf(lg).any()) or bool(torch.isinf(act).any()):
+                kinds.append("inf")
+            source = ("from non-finite logits" if not bool(torch.isfinite(lg).all())
+                      else "from decoding finite logits (action_stats.json bounds?)")
+            shown = ", ".join(bad_names[:6]) + (", ..." if len(bad_names) > 6 else "")
+            parts.append(f"{label}: {' and '.join(kinds)} in {len(bad_names)} of {len(names)} action entries "
+                         f"({shown}) {source}")
+        weights = non_finite_tensors(self.model)
+        if weights:
+            # loading refuses such weights: these changed in memory since
+            cause = f"the weights hold NaN or inf: {describe_non_finite(weights)}"
+        else:
+            cause = ("the weights are finite: activations overflowed (an observation far outside the training "
+                     "data, or weights near the float limit)")
+        return (f"step: refusing a non-finite action for {'; '.join(parts)}; cause: {cause}; the episode is "
+                "over: reset to start another")
 
     # ---- actions -------------------------------------------------------------------------------
     def decode(self, logits: torch.Tensor) -> torch.Tensor:

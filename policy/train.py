@@ -37,7 +37,8 @@ from policy.config import ConfigError, ExperimentConfig, config_to_dict
 from policy.distributed import (DistInfo, barrier, init_distributed, mean_over_ranks, shutdown, sync_buffers,
                                 wrap_model)
 from policy.language import TextTokenizer
-from policy.policy_dir import InputSpec, read_spec_and_stats, save_policy_dir
+from policy.policy_dir import (InputSpec, describe_non_finite, non_finite_tensors, read_spec_and_stats,
+                               save_policy_dir)
 from policy.train_step import EMA, Optimization, StepStats, TrainingError
 
 if TYPE_CHECKING:
@@ -525,12 +526,11 @@ class Trainer:
         keep = (f"the last good checkpoint {str(last)!r} is kept" if last is not None
                 else "no earlier checkpoint exists")
         hint = "lower train.lr (and check the data's action statistics), then train again or --resume"
-        bad = [name for name, t in list(model.state_dict().items()) + list(self.model.state_dict().items())
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        # The trained weights go into the checkpoint, the EMA weights (when on) into the policy.
+        bad = non_finite_tensors(self.model) + (non_finite_tensors(model) if model is not self.model else [])
         if bad:
-            names = sorted(set(bad))
-            raise TrainingError(f"{where} with non-finite weights: {len(names)} tensors contain NaN or inf "
-                                f"({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); {keep}; {hint}")
+            raise TrainingError(f"{where} with non-finite weights: {len(bad)} tensors contain NaN or inf "
+                                f"({describe_non_finite(bad)}); {keep}; {hint}")
         batch = self._last_batch
         if batch is None:
             return

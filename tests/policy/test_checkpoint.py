@@ -2,6 +2,7 @@
 writer and a tiny state stand in for the trainer's."""
 import json
 import os
+import random
 import shutil
 
 import pytest
@@ -93,3 +94,34 @@ def test_checkpoint_and_run_meta_are_fsynced(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert synced[-1] == str(tmp_path) and len(synced) == 2  # the file's data, then its name
     assert json.loads((tmp_path / ckpt.RUN_FILE).read_text()) == {"a": 1}
+
+
+# ---- corrupt train_state.pt ---------------------------------------------------------------------------
+@pytest.mark.parametrize("damage, cause", [
+    (lambda f: f.write_bytes(random.Random(0).randbytes(4096)), "corrupt: expected the training state saved by "
+                                                                 "`train`, not a torch checkpoint (4096 bytes"),
+    (lambda f: f.write_bytes(b"not a checkpoint at all\n" * 10), "not a torch checkpoint"),
+    (lambda f: f.write_bytes(b""), "corrupt: expected the training state, got an empty file"),
+    (lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]), "corrupt: expected the training state saved "
+                                                                       "by `train`, truncated or damaged"),
+    (lambda f: f.write_bytes(f.read_bytes()[:100]), "truncated or damaged"),
+    (lambda f: f.unlink(), "expected the training state, found no file"),
+])
+def test_a_damaged_train_state_names_the_file_and_the_previous_checkpoint(tmp_path, damage, cause):
+    first, second = _save(tmp_path, 1, "a"), _save(tmp_path, 2, "b")
+    for ckpt_dir, previous in ((second, f"the previous checkpoint is {str(first)!r}: move {str(second)!r} out"),
+                               (first, "there is no earlier checkpoint to resume from")):
+        damage(ckpt_dir / ckpt.STATE_FILE)
+        with pytest.raises(ckpt.CheckpointError) as exc:
+            ckpt.load_train_state(ckpt_dir)
+        msg = str(exc.value)
+        for n in (repr(str(ckpt_dir / ckpt.STATE_FILE)), cause, previous):
+            assert n in msg, (n, msg)
+        assert "weights_only" not in msg  # torch's advice to unpickle an untrusted file is not passed on
+
+
+def test_a_train_state_that_is_not_a_dict_is_refused(tmp_path):
+    final = _save(tmp_path, 1, "a")
+    torch.save([1, 2], final / ckpt.STATE_FILE)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt: expected the training state as a dict, got list"):
+        ckpt.load_train_state(final)

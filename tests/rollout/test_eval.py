@@ -81,6 +81,9 @@ def test_cli_tasks_are_named_for_the_env_the_policy_was_trained_on(tmp_path, cap
     meta = json.loads((mw / "policy.json").read_text())
     meta["input"]["env"] = {"env": "metaworld-mt10", "camera": "corner2", "image_size": 64, "tasks": ["pick-place"]}
     (mw / "policy.json").write_text(json.dumps(meta))
+    from policy.policy_dir import write_manifest
+
+    write_manifest(mw)  # a deliberate edit: re-bless the checksums, as a user would
     # Without --env, --tasks is checked against the policy's env (Meta-World), not the tabletop suite:
     # the run gets past the task names and stops at the next check.
     rc = run_policy.main(["eval", "--policy", str(mw), "--tasks", "pick-place", "--episodes-per-task", "0"])
