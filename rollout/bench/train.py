@@ -4,6 +4,11 @@ Reports samples (valid frames) per second and per-step seconds split into data w
 backward / optimizer (medians over the timed steps, after warm-up steps that are not counted), and
 peak memory: CUDA max allocated on a GPU, the process's peak RSS on CPU. Without --data a tiny
 tabletop dataset is collected into a temporary directory first.
+
+Arithmetic rate: the FLOPs of one training step (3x its forward pass, counted by
+torch.utils.flop_counter: convolutions and matrix products, not elementwise work) over the median step
+time, beside the rate of a 1024x1024 float32 matmul measured in the same run on
+the same threads: their ratio is the share of the machine's dense arithmetic rate training reaches.
 """
 from __future__ import annotations
 
@@ -36,6 +41,45 @@ def _peak_memory(device: torch.device) -> dict:
     return {"kind": "cpu_peak_rss", "bytes": int(rss_kib if sys.platform == "darwin" else rss_kib * 1024)}
 
 
+def matmul_gflops(device: "torch.device", n: int = 1024, reps: int = 20) -> float:
+    """The best of `reps` timed n x n float32 matmuls, in GFLOP/s (2 n^3 FLOPs each)."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    for i in range(reps + 3):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:  # warm-up: the first calls allocate and pick kernels
+            best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def step_flops(trainer) -> tuple[int, int]:
+    """FLOPs of one training step: 3x the forward pass's (the backward computes the gradients of the
+    inputs and of the weights, each about one forward), the forward counted on one training batch.
+    FlopCounterMode's own count of convolution_backward treats depthwise (grouped) convolutions as dense
+    and overcounts them about 15x here, so the backward is not counted directly. Returns (FLOPs, valid
+    frames of that batch)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = next(trainer._batches)  # the trainer's data position moves on by one micro-batch; timing only
+    # In training mode (eval mode takes fused inference kernels the counter does not see), with the
+    # BatchNorm statistics this forward updates put back.
+    saved = [b.detach().clone() for b in trainer.model.buffers()]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        trainer._loss(batch)
+    with torch.no_grad():
+        for b, s in zip(trainer.model.buffers(), saved):
+            b.copy_(s)
+    return 3 * int(counter.get_total_flops()), int(batch["mask"].sum())
+
+
 def bench_train(config: str, data: str | None, steps: int, overrides: list[str] | None = None,
                 warmup: int = WARMUP_STEPS) -> dict:
     import torch
@@ -59,6 +103,7 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         rows = []
+        flops, frames = step_flops(trainer)
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             stats, wait = trainer.train_step()
@@ -68,6 +113,8 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
         arr = np.array(rows)
         med = np.median(arr, axis=0)
         per_step = float(arr[:, 0].sum())
+        achieved = flops / float(med[0]) / 1e9
+        reference = matmul_gflops(dev)
         return {
             "config": str(config), "overrides": list(overrides or []), "data": data_label,
             "device": str(dev), "world_size": trainer.info.world_size,
@@ -78,6 +125,9 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
             "seconds_per_step": {"total": round(float(med[0]), 5), "data_wait": round(float(med[1]), 5),
                                  "forward": round(float(med[2]), 5), "backward": round(float(med[3]), 5),
                                  "optimizer": round(float(med[4]), 5)},
+            "flops_per_step": flops, "gflops_per_frame": round(flops / max(frames, 1) / 1e9, 4),
+            "achieved_gflops_per_second": round(achieved, 2), "matmul_gflops_per_second": round(reference, 2),
+            "fraction_of_matmul_rate": round(achieved / reference, 3),
             "peak_memory": _peak_memory(dev),
             "parameters": sum(p.numel() for p in trainer.model.parameters()),
         }

@@ -287,6 +287,11 @@ def test_bench_train_reports_the_step_split(tiny_data):
     assert set(split) == {"total", "data_wait", "forward", "backward", "optimizer"}
     assert split["forward"] > 0 and split["backward"] > 0
     assert split["data_wait"] + split["forward"] + split["backward"] + split["optimizer"] <= split["total"] * 1.5
+    # The arithmetic rate: 3x the counted forward FLOPs over the median step, beside a matmul's rate.
+    assert out["flops_per_step"] > 0 and out["matmul_gflops_per_second"] > 0
+    assert out["achieved_gflops_per_second"] == pytest.approx(out["flops_per_step"] / split["total"] / 1e9, rel=0.01)
+    assert out["fraction_of_matmul_rate"] == pytest.approx(
+        out["achieved_gflops_per_second"] / out["matmul_gflops_per_second"], abs=0.002)
 
 
 def test_evaluation_in_the_loop_needs_an_evaluator_wired_in(tiny_data, tmp_path):
