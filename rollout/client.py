@@ -10,16 +10,20 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from websockets.exceptions import ConnectionClosed
 
 from rollout import protocol as P
 
 
 class RemotePolicyError(RuntimeError):
-    """An error reply from the server; `code` is one of protocol.ERROR_CODES."""
+    """An error reply from the server; `code` is one of protocol.ERROR_CODES. `retry_after_s`: when the
+    server says a refused client may try again (code "auth_backoff"), else None. "non_finite_action":
+    the policy produced NaN/inf, no action came back and the episode is over (reset before stepping)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
         super().__init__(f"policy server: {code}: {message}")
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 class ClientBrokenError(ConnectionError):
@@ -28,14 +32,17 @@ class ClientBrokenError(ConnectionError):
 
 
 class PolicyClient:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0, max_message_bytes: int = 16 << 20):
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0, max_message_bytes: int = 16 << 20,
+                 **connect_options: Any):
+        """connect_options: passed on to websockets' connect, e.g. source_address=("10.0.0.5", 0)."""
         from websockets.sync.client import connect
 
         if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
             raise ValueError(f"url: expected ws://HOST:PORT or wss://HOST:PORT, got {url!r}")
         self.url, self.timeout = url, timeout
         # Entered here and closed in close(): this client is the context manager (websockets 17 API).
-        self._ws = connect(url, compression=None, max_size=max_message_bytes, open_timeout=timeout).__enter__()
+        self._ws = connect(url, compression=None, max_size=max_message_bytes, open_timeout=timeout,
+                           **connect_options).__enter__()
         self._id = 0
         self._broken: str | None = None  # why the connection was given up, once it is
         try:
@@ -52,6 +59,7 @@ class PolicyClient:
         self.last_policy_ms = float("nan")  # the server's wall time for the last step
         self.last_cpu_ms = float("nan")  # and its CPU time
         self.last_batch = 1  # sessions stepped together with this one
+        self.last_waited_batches = 0  # model calls that started while the last step waited
 
     def _call(self, msg: dict, expect: str) -> dict:
         if self._broken is not None:
@@ -60,7 +68,10 @@ class PolicyClient:
         what = f"{msg['type']!r} request" + (f" {msg['id']}" if "id" in msg else "")
         frame = P.pack(msg)  # a local encoding error leaves the connection usable
         try:
-            self._ws.send(frame)
+            try:
+                self._ws.send(frame)
+            except ConnectionClosed:
+                pass  # refused as it opened (busy, auth_backoff) and closed: the reason may still be there to read
             raw = self._ws.recv(timeout=self.timeout)
         except TimeoutError:
             self._give_up(f"{what} got no reply within {self.timeout:g} s")
@@ -71,7 +82,11 @@ class PolicyClient:
             raise
         reply = P.unpack(raw, 1 << 30)
         if reply["type"] == "error" and reply.get("id") in (None, msg.get("id")):
-            raise RemotePolicyError(str(reply.get("code")), str(reply.get("message")))
+            if reply.get("code") == "non_finite_action":
+                self.steps = 0  # the server ended the episode
+            retry = reply.get("retry_after_s")
+            raise RemotePolicyError(str(reply.get("code")), str(reply.get("message")),
+                                    float(retry) if isinstance(retry, (int, float)) else None)
         if reply["type"] != expect or ("id" in msg and reply.get("id") != msg["id"]):
             # Replies are no longer paired with requests: nothing later could be trusted.
             self._give_up(f"{what} got a {reply['type']!r} reply for request {reply.get('id')}")
@@ -103,12 +118,13 @@ class PolicyClient:
 
     def step(self, observation: Mapping[str, Any]) -> np.ndarray:
         """Send one observation (arrays; strings such as the instruction are passed along) -> flat action."""
-        obs = {k: _wire_value(v) for k, v in observation.items()}
+        obs = {k: _wire_value(k, v) for k, v in observation.items()}
         reply = self._call({"type": "step", "id": self._next_id(), "observation": obs}, "action")
         self.steps = int(reply.get("step", self.steps + 1))
         self.last_policy_ms = float(reply.get("policy_ms", float("nan")))
         self.last_cpu_ms = float(reply.get("cpu_ms", float("nan")))
         self.last_batch = int(reply.get("batch", 1))
+        self.last_waited_batches = int(reply.get("waited_batches", 0))
         return P.decode_array(reply["action"], "action.action").astype(np.float32)
 
     def step_named(self, observation: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,9 +154,18 @@ class PolicyClient:
         self.close()
 
 
-def _wire_value(v: Any) -> Any:
+def _wire_value(key: str, v: Any) -> Any:
+    """An observation entry -> what goes on the wire (str or array map); refusals name the key."""
     if isinstance(v, bytes):
         return v.decode()
     if isinstance(v, np.ndarray) and v.dtype == object and v.ndim == 0:  # a dm_env StringArray entry
         return str(v.item())
-    return v if isinstance(v, str) else np.asarray(v)
+    if isinstance(v, str):
+        return v
+    where = f"observation[{key!r}]"
+    try:
+        a = np.asarray(v)
+    except (ValueError, TypeError) as exc:  # e.g. a ragged list: numpy's message names no key
+        raise ValueError(f"{where}: expected an array or a rectangular (not ragged) list of numbers, "
+                         f"got {type(v).__name__} ({exc})") from None
+    return P.encode_array(a, where)

@@ -13,18 +13,24 @@ client -> server                                        server -> client
    "embedding": array|None}
   {"type": "step", "id": int, "observation": {key: array}} {"type": "action", "id": int, "action": array [A] float32,
                                                            "step": int, "policy_ms": float, "cpu_ms": float,
-                                                           "batch": int (sessions stepped in the same call)}
+                                                           "batch": int (sessions stepped in the same call),
+                                                           "waited_batches": int (model calls that started
+                                                           while this step waited)}
   {"type": "close"}                                       (the server closes the connection)
-  anything wrong                                          {"type": "error", "id": int|None, "code": str, "message": str}
+  anything wrong                                          {"type": "error", "id": int|None, "code": str, "message": str,
+                                                           "retry_after_s": float (auth_backoff only)}
 
 The first message must be "hello" (with the token when the server has one); a session's reset/step
 state belongs to its connection only. Error codes: ERROR_CODES. Errors never close the connection,
 except repeated authentication failures, no "hello" within the server's hello timeout (close 1008), a
-full server ("busy", close 1013) and frames beyond the hard size cap (websocket close 1009). A failed
-"reset" leaves the session without an episode: "step" gets "not_ready" until a reset succeeds.
+full server ("busy", close 1013), an address in login backoff ("auth_backoff", close 1008) and frames
+beyond the hard size cap (websocket close 1009). A failed "reset" leaves the session without an episode:
+"step" gets "not_ready" until a reset succeeds; so does a step whose action came out NaN or infinite
+("non_finite_action": the action is never sent, and the episode's memory may hold the NaN).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import msgpack
@@ -33,7 +39,7 @@ import numpy as np
 PROTOCOL_VERSION = 1
 ALLOWED_DTYPES = ("|u1", "|i1", "<u2", "<i2", "<u4", "<i4", "<i8", "<u8", "<f2", "<f4", "<f8", "|b1")
 ERROR_CODES = ("malformed", "unauthorized", "too_large", "rate_limited", "bad_request", "bad_observation",
-               "not_ready", "busy", "version", "internal")
+               "not_ready", "busy", "version", "internal", "non_finite_action", "auth_backoff")
 MAX_DEPTH = 4  # nesting allowed inside a message (observation -> key -> array map)
 
 
@@ -45,15 +51,16 @@ class ProtocolError(ValueError):
         self.code = code
 
 
-def encode_array(a: np.ndarray) -> dict:
+def encode_array(a: np.ndarray, where: str = "array") -> dict:
     a = np.ascontiguousarray(a)
     dt = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
     if dt.str not in ALLOWED_DTYPES:
-        raise ProtocolError("bad_request", f"array dtype: expected one of {ALLOWED_DTYPES}, got {a.dtype.str}")
+        raise ProtocolError("bad_request", f"{where}.dtype: expected one of {ALLOWED_DTYPES}, got {a.dtype.str}")
     return {"__ndarray__": True, "dtype": dt.str, "shape": list(a.shape), "data": a.astype(dt, copy=False).tobytes()}
 
 
 def decode_array(obj: Any, where: str) -> np.ndarray:
+    """An array map -> a read-only array; every refusal names `where` (e.g. step.observation['image'])."""
     if not isinstance(obj, Mapping) or obj.get("__ndarray__") is not True:
         raise ProtocolError("malformed", f"{where}: expected an array map {{__ndarray__, dtype, shape, data}}, "
                                          f"got {type(obj).__name__}")
@@ -65,12 +72,13 @@ def decode_array(obj: Any, where: str) -> np.ndarray:
         raise ProtocolError("malformed", f"{where}.shape: expected a list of at most 8 non-negative ints, got {shape!r}")
     if not isinstance(data, bytes):
         raise ProtocolError("malformed", f"{where}.data: expected bytes, got {type(data).__name__}")
-    dt = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if n * dt.itemsize != len(data):
-        raise ProtocolError("malformed", f"{where}: shape {shape} of {dtype} needs {n * dt.itemsize} bytes, "
-                                         f"got {len(data)}")
-    return np.frombuffer(data, dtype=dt).reshape(shape)
+    # Python ints: a shape such as [2**40, 2**40, 3] must not wrap around to a small (or zero) size.
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if nbytes != len(data):
+        why = " (more than any frame can hold)" if nbytes > len(data) and nbytes >= 1 << 40 else ""
+        raise ProtocolError("malformed", f"{where}.shape: expected a shape whose {dtype} size matches the "
+                                         f"{len(data)} data bytes, got {shape} which needs {nbytes} bytes{why}")
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
 
 
 def pack(message: Mapping[str, Any]) -> bytes:
@@ -127,9 +135,12 @@ def require(msg: Mapping[str, Any], key: str, kind: type | tuple, what: str) -> 
     return v
 
 
-def error(code: str, message: str, mid: int | None = None) -> dict:
+def error(code: str, message: str, mid: int | None = None, retry_after_s: float | None = None) -> dict:
     assert code in ERROR_CODES, code
-    return {"type": "error", "id": mid, "code": code, "message": message}
+    reply = {"type": "error", "id": mid, "code": code, "message": message}
+    if retry_after_s is not None:  # when a refused client may try again (auth_backoff)
+        reply["retry_after_s"] = round(float(retry_after_s), 3)
+    return reply
 
 
 def decode_observation(obj: Any) -> dict[str, np.ndarray]:

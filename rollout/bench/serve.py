@@ -5,6 +5,9 @@
    transport overhead is also measured per step as round trip minus the server's own step time.
 3. K clients (threads, one session each) at `rate` Hz for `steps` steps each: a step misses its
    deadline when its round trip exceeds the control period.
+4. Fair share (--flood N): one client at `rate` Hz alone (quiet), then beside N sessions that step
+   back-to-back as fast as the server answers (flooded): its round trips in both cases and their
+   ratio (the server's fair-share batching aims at flooded p50 within 2x of quiet).
 Without --policy an untrained quickstart policy accepting the requested image size is built in a
 temporary directory (rollout/random_policy.py): latency does not depend on training.
 """
@@ -83,13 +86,15 @@ def stop_server(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 
 
 def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 10.0,
-                image_size: tuple[int, int] | None = None, steps: int = 100, threads: int = 1) -> dict:
+                image_size: tuple[int, int] | None = None, steps: int = 100, threads: int = 1,
+                flood: int = 8) -> dict:
     import torch
 
     from policy.runner import PolicyRunner
     from rollout.client import PolicyClient
 
-    for name, v, low in (("--clients", clients, 1), ("--steps", steps, 5), ("--threads", threads, 1)):
+    for name, v, low in (("--clients", clients, 1), ("--steps", steps, 5), ("--threads", threads, 1),
+                         ("--flood", flood, 0)):
         if not isinstance(v, int) or v < low:
             raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
     if not rate > 0:
@@ -136,6 +141,7 @@ def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 1
                 client_cpu_s, srv1 = time.process_time() - cpu0, _process_cpu_s(proc.pid)
             transport = [r - s for r, s in zip(rtt, server_ms)]
             fleet = _fleet(url, obs, clients, rate, steps)
+            flooded = _flooded(url, obs, flood, rate, steps) if flood else None
         finally:
             stop_server(proc)
     finally:
@@ -158,6 +164,7 @@ def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 1
                         "transport_cpu_per_step": None if srv0 is None or srv1 is None else round(
                             (1000 * (client_cpu_s + srv1 - srv0) - sum(server_cpu)) / steps, 3)},
         "fleet": fleet,
+        "flood": flooded,
         "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before],
                     "loadavg_after": [round(x, 2) for x in os.getloadavg()], "date": time.strftime("%Y-%m-%d %H:%M")},
     }
@@ -217,6 +224,87 @@ def _fleet(url: str, obs: dict, clients: int, rate: float, steps: int) -> dict:
             "server_core_utilisation": round(clients * rate * float(np.median(cpus)) / 1000, 3) if cpus else None}
 
 
+def _paced_client(url: str, obs: dict, rate: float, steps: int, warmup: int = 5) -> dict:
+    """One session at `rate` Hz: its round trips (ms), and the batches its steps went in."""
+    from rollout.client import PolicyClient
+
+    period = 1.0 / rate
+    rtt, batch, waited = [], [], []
+    with PolicyClient(url) as c:
+        c.reset("pick up the red block")
+        start = time.perf_counter()
+        for k in range(warmup + steps):
+            wait = start + k * period - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            t = time.perf_counter()
+            c.step(obs)
+            if k >= warmup:
+                rtt.append(1000 * (time.perf_counter() - t))
+                batch.append(c.last_batch)
+                waited.append(c.last_waited_batches)
+    return {"round_trip_ms": _pct(rtt), "mean_batch": round(float(np.mean(batch)), 3),
+            "max_waited_batches": int(max(waited))}
+
+
+def _flooded(url: str, obs: dict, flood: int, rate: float, steps: int) -> dict:
+    """A client at `rate` Hz alone, then beside `flood` sessions stepping back-to-back (prepacked frames,
+    so the flooders cost this process little CPU)."""
+    from websockets.sync.client import connect
+
+    from rollout import protocol as P
+
+    quiet = _paced_client(url, obs, rate, steps)
+    frame = P.pack({"type": "step", "id": 1, "observation": obs})
+    stop, served, batches, errors = threading.Event(), [0] * flood, [[] for _ in range(flood)], []
+    started = threading.Barrier(flood + 1)
+
+    def flooder(i: int) -> None:
+        try:
+            with connect(url, compression=None, max_size=None) as ws:
+                for msg in ({"type": "hello", "version": P.PROTOCOL_VERSION},
+                            {"type": "reset", "id": 0, "instruction": "pick up the red block"}):
+                    ws.send(P.pack(msg))
+                    ws.recv(30)
+                started.wait(30)
+                while not stop.is_set():
+                    ws.send(frame)
+                    r = P.unpack(ws.recv(30), 1 << 30)
+                    if r["type"] != "action":
+                        raise RuntimeError(f"{r.get('code')}: {r.get('message')}")
+                    served[i] += 1
+                    batches[i].append(r["batch"])
+        except Exception as exc:  # reported, not raised: the quiet client's numbers still count
+            errors.append(f"flooder {i}: {type(exc).__name__}: {exc}")
+            stop.set()
+            started.abort()  # nobody waits for a flooder that will never start
+
+    threads = [threading.Thread(target=flooder, args=(i,), daemon=True) for i in range(flood)]
+    for th in threads:
+        th.start()
+    try:
+        try:
+            started.wait(60)
+        except threading.BrokenBarrierError:
+            return {"flooding_sessions": flood, "errors": errors or ["flooders did not start within 60 s"]}
+        time.sleep(1.0)  # flooders at full speed (and their step rates known to the server) first
+        t0, n0 = time.perf_counter(), sum(served)
+        loud = _paced_client(url, obs, rate, steps)
+        seconds, n = time.perf_counter() - t0, sum(served) - n0
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(30)
+    q, f = quiet["round_trip_ms"], loud["round_trip_ms"]
+    all_batches = [b for bs in batches for b in bs]
+    return {"flooding_sessions": flood, "client_rate_hz": rate, "client_steps": steps,
+            "quiet": quiet, "flooded": loud,
+            "flooded_over_quiet": {"p50": round(f["p50"] / q["p50"], 3), "p90": round(f["p90"] / q["p90"], 3)},
+            "flood_steps_per_s": round(n / seconds, 1),
+            "flood_mean_batch": round(float(np.mean(all_batches)), 3) if all_batches else None,
+            "errors": errors}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     A.add_policy(p, "policy directory (default: an untrained quickstart policy for --image-size)")
     p.add_argument("--clients", type=A.positive_int, default=4, help="concurrent robot sessions")
@@ -225,6 +313,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="frame size HxW, or N for NxN (default 256x320; with --policy: the policy's)")
     A.add_steps(p, 100, "timed steps (in process, one client, and per client of the fleet)")
     p.add_argument("--serve-threads", type=A.positive_int, default=1, help="torch threads (server and in-process)")
+    p.add_argument("--flood", type=int, default=8, metavar="N",
+                   help="sessions stepping back-to-back beside one client at --rate: its round trips quiet vs "
+                        "flooded (0 = skip)")
     A.add_json(p)
 
 
@@ -232,10 +323,11 @@ def run(a: argparse.Namespace) -> dict:
     size = a.image_size
     if size is not None and size.strip().isdigit():
         size = f"{size.strip()}x{size.strip()}"
-    res = bench_serve(a.policy, a.clients, a.rate, parse_image_size(size), a.steps, threads=a.serve_threads)
+    res = bench_serve(a.policy, a.clients, a.rate, parse_image_size(size), a.steps, threads=a.serve_threads,
+                      flood=a.flood)
     print(json.dumps(res, indent=2))
     return res
 
 
 register("serve", "policy server round trips over loopback versus in-process steps, missed deadlines with "
-         "K clients", add_arguments, run)
+         "K clients, one client's latency beside N flooding sessions", add_arguments, run)

@@ -275,7 +275,7 @@ def test_bench_serve_reports_json(tmp_path):
 
     out = tmp_path / "serve.json"
     proc = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "bench", "serve", "--clients", "2",
-                           "--rate", "20", "--image-size", "64x80", "--steps", "5", "--json", str(out)],
+                           "--rate", "20", "--image-size", "64x80", "--steps", "5", "--flood", "2", "--json", str(out)],
                           capture_output=True, text=True, timeout=180, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
@@ -283,6 +283,12 @@ def test_bench_serve_reports_json(tmp_path):
     for key in ("in_process_step_ms", "loopback_round_trip_ms", "server_step_ms", "server_step_cpu_ms"):
         assert res[key]["n"] == 5 and 0 < res[key]["p50"] <= res[key]["max"]
     assert 0 <= res["fleet"]["missed_deadlines"] <= 10 and len(res["machine"]["loadavg_before"]) == 3
+    flood = res["flood"]  # one client quiet, then beside 2 flooding sessions
+    assert flood["flooding_sessions"] == 2 and not flood["errors"] and flood["flood_steps_per_s"] > 0
+    for case in ("quiet", "flooded"):
+        assert flood[case]["round_trip_ms"]["n"] == 5 and flood[case]["round_trip_ms"]["p50"] > 0
+    assert flood["flooded_over_quiet"]["p50"] == round(flood["flooded"]["round_trip_ms"]["p50"]
+                                                       / flood["quiet"]["round_trip_ms"]["p50"], 3)
     bad = subprocess.run([sys.executable, str(ROOT / "run_policy.py"), "bench", "serve", "--image-size", "64by80"],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert bad.returncode == 2 and "--image-size: expected HxW" in bad.stderr
@@ -363,14 +369,21 @@ def test_idle_connections_cannot_take_the_session_slots(policy_dir):
             PolicyClient(url)
         a.close()
         b.close()
-        # ...and connections waiting for hello have their own cap.
+        # ...and connections waiting for hello have their own cap: a new one is let in, the one
+        # that waited longest is dropped to make room.
         with contextlib.ExitStack() as stack:
-            for _ in range(3):
-                stack.enter_context(connect(url, compression=None))
+            idle = [stack.enter_context(connect(url, compression=None)) for _ in range(3)]
             assert _wait_until(lambda: len(server.pending) == 3)
-            with connect(url, compression=None) as ws:
+            with connect(url, compression=None) as ws:  # younger than the others' grace: refused
                 r = P.unpack(ws.recv(10), 1 << 30)
                 assert r["code"] == "busy" and "waiting to say hello" in r["message"]
+            time.sleep(0.3)  # a quarter of the hello timeout: now the longest-waiting one makes room
+            with connect(url, compression=None) as ws:
+                r = P.unpack(idle[0].recv(10), 1 << 30)
+                assert r["code"] == "busy" and "waiting to say hello" in r["message"]
+                assert len(server.pending) == 3
+                ws.send(P.pack({"type": "hello", "version": 1, "token": None}))
+                assert P.unpack(ws.recv(10), 1 << 30)["type"] == "ready"
     with pytest.raises(ValueError, match="hello_timeout_s"):
         ServerConfig(hello_timeout_s=0).validate()
 
