@@ -150,7 +150,11 @@ def cmd_serve(a: argparse.Namespace) -> dict:
     token = a.token or os.environ.get("POLICY_SERVER_TOKEN") or None
     cfg = ServerConfig(host=a.host, port=a.port, token=token, max_message_bytes=a.max_message_bytes,
                        rate_hz=a.rate_limit, burst=a.burst, max_sessions=a.max_sessions, model_thread=a.model_thread,
-                       max_batch=a.max_batch, hello_timeout_s=a.hello_timeout, max_pending=a.max_pending)
+                       max_batch=a.max_batch, hello_timeout_s=a.hello_timeout, max_pending=a.max_pending,
+                       max_pending_per_address=a.max_pending_per_address,
+                       max_sessions_per_address=a.max_sessions_per_address,
+                       auth_backoff_after=a.auth_backoff_after, auth_backoff_s=a.auth_backoff,
+                       auth_backoff_max_s=a.auth_backoff_max)
     serve_forever(a.policy, cfg, threads=a.threads, device=a.device)
     return {"served": a.policy}
 
@@ -293,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connections that have not yet said hello (each closed after --hello-timeout)")
     s.add_argument("--hello-timeout", type=positive_float, default=sd.hello_timeout_s,
                    help="seconds a new connection has to authenticate with hello")
+    s.add_argument("--max-pending-per-address", type=positive_int, default=sd.max_pending_per_address,
+                   help="connections one client address may have waiting for hello")
+    s.add_argument("--max-sessions-per-address", type=positive_int, default=sd.max_sessions_per_address,
+                   help="sessions one client address may hold (robots behind one NAT share an address)")
+    s.add_argument("--auth-backoff-after", type=positive_int, default=sd.auth_backoff_after,
+                   help="failed logins from one address before it is refused for a while")
+    s.add_argument("--auth-backoff", type=positive_float, default=sd.auth_backoff_s,
+                   help="seconds of the first refusal; doubles with each further failure")
+    s.add_argument("--auth-backoff-max", type=positive_float, default=sd.auth_backoff_max_s,
+                   help="longest refusal in seconds")
     s.add_argument("--model-thread", action="store_true", default=sd.model_thread,
                    help="run model calls on a worker thread (the loop stays responsive during long steps)")
     s.add_argument("--max-batch", type=positive_int, default=sd.max_batch,
