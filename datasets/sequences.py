@@ -24,6 +24,9 @@ class SequenceSpec:
     image_size: int  # frames resized to image_size x image_size (0 = keep)
     crop_pad: int = 0  # RT-1 augmentation: pad by this many pixels, random-crop back (0 = off)
     parallel_calls: int = -1  # tf.data map parallelism (-1 = AUTOTUNE)
+    # model.image.resize: "bilinear" = RT-1's tf.image.resize (no antialiasing), "antialias" = antialiased;
+    # the same method the model applies at inference, so training frames are resized as served ones.
+    resize: str = "bilinear"
 
     def __post_init__(self):
         if self.mode not in ("episode", "window"):
@@ -59,7 +62,8 @@ def make_sequences(data: RLDSDataset, spec: SequenceSpec, instruction_ids: dict[
     def prepare(ep):
         img = data.decode_frames(ep["image"])
         if size and (data.image_shape[0] != size or data.image_shape[1] != size):
-            img = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(img, [size, size], antialias=True)), 0, 255), tf.uint8)
+            img = tf.image.resize(img, [size, size], antialias=spec.resize == "antialias")
+            img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)  # frames stay uint8 (cache memory)
         text = ep["instruction"][0]
         idx = table.lookup(text)
         with tf.control_dependencies([tf.debugging.Assert(idx >= 0, [missing[0], text, missing[1]])]):

@@ -153,7 +153,7 @@ def open_training_inputs(cfg: Any, data_path: str | Path | None, *, rank: int = 
     instructions = sorted({i for ds in datasets for i in ds.instructions})
     ids = {s: i for i, s in enumerate(instructions)}
     spec = SequenceSpec(d.sequence, d.sequence_length, cfg.model.image.image_size, crop_pad=d.crop_pad,
-                        parallel_calls=d.parallel_calls)
+                        parallel_calls=d.parallel_calls, resize=cfg.model.image.resize)
     cache = bool(d.cache_in_memory)
     if cache:  # a cache larger than memory is the classic RLDS loader death: fall back to streaming
         size = cfg.model.image.image_size

@@ -3,6 +3,15 @@
 tokenize:   int((a - low) / (high - low) * (bins - 1))   (truncation, as in RT-1)
 detokenize: token / (bins - 1) * (high - low) + low
 
+Both in float32, in the reference's order of operations (google-research/robotics_transformer,
+tokenizers/action_tokenizer.py: clip, subtract, divide by the float32 range, multiply by bins - 1,
+cast to int), so `tokenization="rt1"` (the default) gives the reference's token for every value, bin
+edges included (tests/policy/test_fidelity_rt1.py). A bin edge e_k = detokenize(k) then tokenizes to k
+or, where float rounding puts it just below, to k - 1 (RT-1 does the same: 63 of the 256 edges of
+[-1, 1], 39 of [-pi/2, pi/2] and of [-pi, pi], none of [0, 1]). `tokenization="edge_safe"` (our earlier
+default) adds 1e-4 of a bin before truncating, so that tokenize(detokenize(k)) == k for every k; it
+differs from RT-1 only for values within 1e-4 of a bin below an edge.
+
 DictActionTokenizer does the same for Open X-Embodiment dict actions (RT-1's RT1ActionTokenizer): one
 token per continuous dimension and one per discrete one-hot field (see RT1_FRACTAL_FIELDS).
 """
@@ -15,10 +24,22 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from policy.config import ACTION_TOKENIZATIONS
+
+# Written by code that predates the option (tokenizer files without "tokenization") and what it did.
+_LEGACY_TOKENIZATION = "edge_safe"
+_EDGE_SAFE_OFFSET = 1e-4  # of a bin, "edge_safe" only
+
+
+def _check_tokenization(tokenization: str) -> str:
+    if tokenization not in ACTION_TOKENIZATIONS:
+        raise ValueError(f"action tokenization: expected one of {list(ACTION_TOKENIZATIONS)}, got {tokenization!r}")
+    return tokenization
+
 
 class ActionTokenizer:
     def __init__(self, low: Sequence[float], high: Sequence[float], bins: int = 256,
-                 names: Sequence[str] | None = None):
+                 names: Sequence[str] | None = None, tokenization: str = "rt1"):
         low_a = np.asarray(low, dtype=np.float64).reshape(-1)
         high_a = np.asarray(high, dtype=np.float64).reshape(-1)
         if low_a.shape != high_a.shape or low_a.size == 0:
@@ -34,6 +55,7 @@ class ActionTokenizer:
         self.low = low_a.astype(np.float32)
         self.high = high_a.astype(np.float32)
         self.bins = int(bins)
+        self.tokenization = _check_tokenization(tokenization)
         self.names = tuple(names) if names is not None else tuple(f"action_{i}" for i in range(low_a.size))
         if len(self.names) != low_a.size:
             raise ValueError(f"action names: expected {low_a.size} names, got {len(self.names)}")
@@ -53,11 +75,13 @@ class ActionTokenizer:
             raise ValueError(f"action: expected last dimension {self.num_dims}, got shape {tuple(a.shape)}")
         low = torch.as_tensor(self.low, device=a.device)
         high = torch.as_tensor(self.high, device=a.device)
-        a = torch.minimum(torch.maximum(a, low), high)
-        # Truncation as in RT-1; the 1e-4 of a bin keeps detokenised values (bin edges) in their own bin
-        # despite float rounding, so tokenize(detokenize(t)) == t.
-        tokens = ((a - low) / (high - low) * (self.bins - 1) + 1e-4).to(torch.int64)
-        return tokens.clamp_(0, self.bins - 1)
+        a = torch.minimum(torch.maximum(a, low), high)  # tf.clip_by_value(a, minimum, maximum)
+        # RT-1, in float32: tf.cast((a - minimum) / (maximum - minimum) * (vocab_size - 1), tf.int32); the
+        # cast truncates toward zero, as .to(int64) does (the clipped value is never negative).
+        scaled = (a - low) / (high - low) * (self.bins - 1)
+        if self.tokenization == "edge_safe":
+            scaled = scaled + _EDGE_SAFE_OFFSET  # keeps detokenised values (bin edges) in their own bin
+        return scaled.to(torch.int64).clamp_(0, self.bins - 1)
 
     def detokenize(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor:
         t = torch.as_tensor(tokens).to(torch.float32)
@@ -67,13 +91,13 @@ class ActionTokenizer:
 
     def to_dict(self) -> dict:
         return {"kind": "vector", "low": self.low.tolist(), "high": self.high.tolist(), "bins": self.bins,
-                "names": list(self.names)}
+                "names": list(self.names), "tokenization": self.tokenization}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ActionTokenizer":
         if d.get("kind", "vector") != "vector":
             raise ValueError(f"action tokenizer: expected kind 'vector', got {d.get('kind')!r}")
-        return cls(d["low"], d["high"], d["bins"], d.get("names"))
+        return cls(d["low"], d["high"], d["bins"], d.get("names"), d.get("tokenization", _LEGACY_TOKENIZATION))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,12 +182,12 @@ class DictActionTokenizer:
     """RT-1's action tokenizer for dict actions.
 
     Tokens follow the order of `fields`. Continuous dimensions use exactly ActionTokenizer's formula
-    (clip to bounds, truncate (a - low) / (high - low) * (bins - 1)); a discrete one-hot field of size k
-    gives one token, its argmax, and needs bins >= k. Inputs may carry any leading batch dims, which must
-    be the same for every field; keys not in `fields` are ignored.
+    (clip to bounds, truncate (a - low) / (high - low) * (bins - 1), `tokenization` as there); a discrete
+    one-hot field of size k gives one token, its argmax, and needs bins >= k. Inputs may carry any leading
+    batch dims, which must be the same for every field; keys not in `fields` are ignored.
     """
 
-    def __init__(self, fields: Sequence[ActionField], bins: int = 256):
+    def __init__(self, fields: Sequence[ActionField], bins: int = 256, tokenization: str = "rt1"):
         fields = tuple(fields)
         if not fields:
             raise ValueError("action fields: expected at least one field, got none")
@@ -183,6 +207,7 @@ class DictActionTokenizer:
                                  f"{f.size}, got bins={bins}")
         self.fields = fields
         self.bins = int(bins)
+        self.tokenization = _check_tokenization(tokenization)
         self.names = tuple(n for f in fields for n in f.token_names())
         # Continuous dimensions share one ActionTokenizer, so the formula is the same by construction.
         lows, highs, names = [], [], []
@@ -191,7 +216,7 @@ class DictActionTokenizer:
                 lows += np.broadcast_to(np.asarray(f.low, dtype=np.float64), (f.size,)).tolist()
                 highs += np.broadcast_to(np.asarray(f.high, dtype=np.float64), (f.size,)).tolist()
                 names += f.token_names()
-        self._cont = ActionTokenizer(lows, highs, self.bins, names) if lows else None
+        self._cont = ActionTokenizer(lows, highs, self.bins, names, self.tokenization) if lows else None
         # Token columns of each field, and of all continuous dims (in order).
         self._slices: dict[str, slice] = {}
         start = 0
@@ -320,13 +345,14 @@ class DictActionTokenizer:
     # ---- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"kind": "dict", "bins": self.bins, "fields": [f.to_dict() for f in self.fields],
-                "names": list(self.names)}
+                "names": list(self.names), "tokenization": self.tokenization}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DictActionTokenizer":
         if d.get("kind", "dict") != "dict" or "fields" not in d:
             raise ValueError(f"dict action tokenizer: expected kind 'dict' with 'fields', got keys {sorted(d)}")
-        return cls([ActionField.from_dict(f) for f in d["fields"]], d["bins"])
+        return cls([ActionField.from_dict(f) for f in d["fields"]], d["bins"],
+                   d.get("tokenization", _LEGACY_TOKENIZATION))
 
 
 def _is_int(t: torch.Tensor) -> bool:

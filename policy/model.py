@@ -118,7 +118,7 @@ class PolicyModel(nn.Module):
     def encode_frames(self, images: torch.Tensor, context: torch.Tensor, proprio: torch.Tensor | None) -> torch.Tensor:
         """uint8 [N,H,W,3], context [N,C], proprio [N,S] | None -> input tokens
         [N, num_tokens (+1 proprio) (+1 instruction), D]."""
-        features = self.backbone(preprocess_frames(images, self.image_size), context)
+        features = self.backbone(preprocess_frames(images, self.image_size, self.cfg.image.resize), context)
         if self.image_pos is not None:
             features = features + self.image_pos
         tokens = [self.token_learner(features)]

@@ -40,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from policy.action_tokenizer import ActionTokenizer, DictActionTokenizer, action_tokenizer_from_dict
+from policy.backbones.pretrained import no_pretrained_load
 from policy.config import ConfigError, ExperimentConfig, config_from_dict, config_to_dict
 from common.atomic import aside_path, fsync_tree, restore_set_aside, set_aside, swap_in, write_text_atomic
 from policy.language import TextTokenizer
@@ -505,8 +506,9 @@ def _load_checked(path: Path, device: str | torch.device) -> LoadedPolicy:
     if prop is not None and len(prop) == 2 and prop[1] != spec.proprio_dim:
         raise PolicyDirError(f"--policy {str(path)!r}: policy.json input.proprio_dim: expected {prop[1]} (the "
                              f"input size of the proprio layer in model.safetensors), got {spec.proprio_dim}")
-    model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=action_tok.num_tokens,
-                        proprio_dim=spec.proprio_dim)
+    with no_pretrained_load():  # the weights come from model.safetensors: no ImageNet file needed here
+        model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=action_tok.num_tokens,
+                            proprio_dim=spec.proprio_dim)
     built = f"as config.yaml and the {action_tok.num_tokens} action dims of action_stats.json build it"
     _check_tensors(path, weights, model, built)
     try:

@@ -21,6 +21,7 @@ from policy.action_tokenizer import DictActionTokenizer
 from policy.config import ConfigError
 from policy.controllers import controller_info, controller_names
 from policy.policy_dir import LoadedPolicy, PolicyDirError, describe_non_finite, load_policy_dir, non_finite_tensors
+from policy.threads import RUNTIME_THREADS, set_runtime_threads
 
 EMBEDDING_DIM = 512  # precomputed instruction embeddings (OXE's Universal Sentence Encoder)
 
@@ -55,7 +56,12 @@ class PolicyRunner:
         self.steps = 0
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", record_attention: bool = False) -> "PolicyRunner":
+    def load(cls, path: str | Path, device: str = "cpu", record_attention: bool = False,
+             threads: int | None = RUNTIME_THREADS) -> "PolicyRunner":
+        """`threads`: torch intra-op threads for stepping (policy/threads.py: one thread degrades gracefully
+        on a loaded machine); None leaves torch's setting alone (callers that choose their own)."""
+        if threads is not None:
+            set_runtime_threads(threads)
         try:
             policy = load_policy_dir(path, device)
         except (ConfigError, KeyError, TypeError) as exc:

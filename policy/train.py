@@ -13,6 +13,7 @@ augmentation and dropout RNGs are re-seeded from (seed, rank, step) at every ste
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import json
 import math
@@ -410,12 +411,17 @@ class Trainer:
             low, high = action_bounds(cfg, self.action_stats, data.action_dim)
             names = data.sidecar.get("action_names")
             self.action_tok = ActionTokenizer(low, high, cfg.model.action_bins,
-                                              names if names and len(names) == data.action_dim else None)
+                                              names if names and len(names) == data.action_dim else None,
+                                              tokenization=cfg.model.action_tokenization)
 
+        from policy.backbones.pretrained import no_pretrained_load
         from policy.model import PolicyModel
 
-        model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=data.action_dim,
-                            proprio_dim=data.proprio_dim)
+        # A resumed run's weights come from its checkpoint: the ImageNet file (model.image.pretrained) is
+        # read only when a run starts.
+        with no_pretrained_load() if resume else contextlib.nullcontext():
+            model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=data.action_dim,
+                                proprio_dim=data.proprio_dim)
         if t.init_from:
             init_from_policy(model, t.init_from, list(t.init_modules))
         self.frozen = [getattr(model, n) for n in IMAGE_TOKENIZER if getattr(model, n, None) is not None] \
@@ -430,7 +436,9 @@ class Trainer:
             check_writable(self.out_dir, need)
         params = [p for p in model.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(params, lr=t.lr, weight_decay=t.weight_decay)
+        # fused: one kernel over all parameters instead of a few ops per tensor (a quickstart step's update
+        # took 30 ms with the default, 7.5 ms fused, on 1 CPU thread)
+        self.optimizer = opt_cls(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.ema = EMA(model, t.ema_decay) if t.ema_decay > 0 else None
         wrapped: torch.nn.Module = wrap_model(_BCForward(model), self.info)

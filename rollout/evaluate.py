@@ -229,7 +229,7 @@ def run_episode(job: EpisodeJob) -> EpisodeRecord:
 
     runner = _RUNNERS.get(job.policy_dir)
     if runner is None:
-        runner = _RUNNERS[job.policy_dir] = PolicyRunner.load(job.policy_dir)
+        runner = _RUNNERS[job.policy_dir] = PolicyRunner.load(job.policy_dir, threads=None)
     key = (job.env_name, job.task, job.image_size, job.camera)
     env = _ENVS.get(key)
     if env is None:
@@ -282,7 +282,7 @@ def memory_trace(policy_dir: str | Path, env_name: str, task: str, seed: int, im
     from policy.runner import PolicyRunner
 
     torch.set_num_threads(threads)
-    runner = PolicyRunner.load(policy_dir, record_attention=True)
+    runner = PolicyRunner.load(policy_dir, record_attention=True, threads=None)
     env = envs.make(env_name, task=task, image_size=image_size, camera=camera)
     try:
         ts = env.reset(seed=seed)

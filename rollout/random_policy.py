@@ -65,10 +65,12 @@ def build_random_policy(out: str | Path, config: str | Path | ExperimentConfig |
                                    cfg.model.language.vocab_size)
     try:
         if action_fields is not None:
-            tok: ActionTokenizer | DictActionTokenizer = DictActionTokenizer(action_fields, cfg.model.action_bins)
+            tok: ActionTokenizer | DictActionTokenizer = DictActionTokenizer(action_fields, cfg.model.action_bins,
+                                                                       tokenization=cfg.model.action_tokenization)
         else:
             act = action_interface("tabletop")
-            tok = ActionTokenizer(list(act.low), list(act.high), cfg.model.action_bins, act.names)
+            tok = ActionTokenizer(list(act.low), list(act.high), cfg.model.action_bins, act.names,
+                                  tokenization=cfg.model.action_tokenization)
         torch.manual_seed(seed)
         from policy.language import TextTokenizer
 

@@ -658,7 +658,7 @@ def serve_forever(policy_dir: str | Path, cfg: ServerConfig, threads: int = 1, d
 
     cfg.validate()
     torch.set_num_threads(threads)
-    runner = PolicyRunner.load(policy_dir, device=device)
+    runner = PolicyRunner.load(policy_dir, device=device, threads=None)
     server = PolicyServer(runner, cfg)
 
     async def main() -> None:

@@ -109,7 +109,7 @@ def bench_serve(policy_dir: str | None = None, clients: int = 4, rate: float = 1
         h, w = image_size or (256, 320)
         policy_dir = str(build_random_policy(Path(tmp.name) / "policy", image_shape=(h, w, 3)))
     try:
-        runner = PolicyRunner.load(policy_dir)
+        runner = PolicyRunner.load(policy_dir, threads=None)
         shape = tuple(runner.spec.image_shape)
         if image_size is not None and tuple(image_size) != shape[:2]:
             raise ValueError(f"--image-size: the policy at {policy_dir!r} takes {shape[0]}x{shape[1]} frames, "

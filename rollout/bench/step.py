@@ -33,7 +33,7 @@ def bench_step(policy_dir: str | None, config: str | None, steps: int, threads: 
     if policy_dir:
         from policy.runner import PolicyRunner
 
-        runner = PolicyRunner.load(policy_dir)
+        runner = PolicyRunner.load(policy_dir, threads=None)
         spec = runner.spec
         rng = np.random.default_rng(0)
         obs = {spec.camera_key: rng.integers(0, 255, spec.image_shape, dtype=np.uint8)}

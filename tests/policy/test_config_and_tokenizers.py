@@ -115,7 +115,11 @@ def test_round_trip_within_one_bin():
     back = tok.detokenize(tok.tokenize(a))
     width = torch.from_numpy((high - low) / 255).float()
     assert torch.all(back <= a + 1e-6) and torch.all(a - back <= width + 1e-6)
-    assert torch.equal(tok.tokenize(back), tok.tokenize(a))
+    # RT-1's truncation (the default) sends some bin edges one token down (tests/policy/test_fidelity_rt1.py);
+    # the edge_safe option keeps every edge in its own bin.
+    assert set((tok.tokenize(back) - tok.tokenize(a)).unique().tolist()) <= {-1, 0}
+    safe = ActionTokenizer(low, high, bins=256, tokenization="edge_safe")
+    assert torch.equal(safe.tokenize(safe.detokenize(safe.tokenize(a))), safe.tokenize(a))
     assert ActionTokenizer.from_dict(tok.to_dict()).to_dict() == tok.to_dict()
 
 

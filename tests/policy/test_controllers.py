@@ -478,9 +478,10 @@ def test_bench_step_latency_cli_reports_every_controller_and_plots(tmp_path):
 def _cue_retention(erase_bias: float, seed: int) -> float:
     """How much of a step-0 difference ("the cue") is still in the memory after 12 identical steps,
     relative to right after step 0 (norm of the memory difference), for a freshly initialised
-    TL-AddErase TTM."""
+    TL-AddErase-ours TTM (our erase-gate variant; erase_bias applies to it only)."""
     torch.manual_seed(seed)
-    ttm = TokenTuringMachine(ControllerConfig(memory_mode="TL-AddErase", erase_bias=erase_bias), 32, 5).eval()
+    cfg = ControllerConfig(memory_mode="TL-AddErase-ours", erase_bias=erase_bias, init="torch")
+    ttm = TokenTuringMachine(cfg, 32, 5).eval()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, 13, 5, 32, generator=g)
     x[:, 1:] = x[:, 1:2]  # every later step sees the same frame (the dark lamp)

@@ -108,7 +108,7 @@ def test_token_learner_shapes_weights_and_errors():
 # --- Token Turing Machine (its memory size over a long episode: tests/test_controllers.py) ----------
 
 TTM_VARIANTS = [("TL", "transformer"), ("TL", "mixer"), ("TL", "mlp"), ("TL-MHA", "transformer"),
-                ("TL-AddErase", "transformer")]
+                ("TL-AddErase-ours", "transformer")]
 
 
 @pytest.mark.parametrize("mode,unit", TTM_VARIANTS)
