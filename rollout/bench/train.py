@@ -64,7 +64,7 @@ def step_flops(trainer) -> tuple[int, int]:
     inputs and of the weights, each about one forward), the forward counted on one training batch.
     FlopCounterMode's own count of convolution_backward treats depthwise (grouped) convolutions as dense
     and overcounts them about 15x here, so the backward is not counted directly. Returns (FLOPs, valid
-    frames of that batch)."""
+    frames of that micro-batch)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -106,7 +106,9 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
         t0 = time.perf_counter()
         trainer.train_step()  # the first warm-up step; with train.compile the compilation happens here
         first_step_s = time.perf_counter() - t0
-        flops, frames = step_flops(trainer)
+        flops, frames = step_flops(trainer)  # of one micro-batch; a step runs grad_accum of them
+        flops *= cfg.train.grad_accum
+        frames *= cfg.train.grad_accum
         for i in range(1, warmup + steps):
             t0 = time.perf_counter()
             stats, wait = trainer.train_step()
