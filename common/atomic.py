@@ -59,21 +59,25 @@ class WriteError(OSError):
         return str(self.strerror)
 
 
-def _free_mib(path: Path) -> str:
+def free_mib(path: str | Path) -> int | None:
+    """Free space in MiB on the filesystem of `path` (or its nearest existing parent); None if unknown."""
+    path = Path(path)
     for p in (path, *path.parents):
         try:
-            return f"{shutil.disk_usage(p).free >> 20} MiB"
+            return shutil.disk_usage(p).free >> 20
         except OSError:
             continue
-    return "unknown space"
+    return None
 
 
 def write_error(exc: OSError, path: str | Path) -> WriteError:
     """`exc` restated for the output `path`: a full disk says so, with the free space left there."""
     path = Path(path)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = free_mib(path.parent)
         message = (f"disk full while writing {str(path)!r}: {exc.strerror or 'no space left on device'} "
-                   f"({_free_mib(path.parent)} free there); free some space or write elsewhere")
+                   f"({'unknown space' if free is None else f'{free} MiB'} free there); free some space or "
+                   "write elsewhere")
     else:
         message = f"could not write {str(path)!r}: {exc.strerror or exc}"
     return WriteError(exc.errno, message, str(path))

@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 from dm_env import specs
 
-from common.atomic import WriteError, aside_path, fsync_tree, restore_set_aside, set_aside, swap_in
+from common.atomic import WriteError, aside_path, free_mib, fsync_tree, restore_set_aside, set_aside, swap_in
 from datasets.source import SIDECAR
 from datasets.tf_setup import tf, tfds  # noqa: F401  (hides GPUs from TensorFlow)
 
@@ -101,12 +101,8 @@ def _disk_full(exc: BaseException) -> bool:
 
 
 def _free_space(path: Path) -> str:
-    for p in (path, *path.parents):
-        try:
-            return f"{shutil.disk_usage(p).free >> 20} MiB free there"
-        except OSError:
-            continue
-    return "free space unknown"
+    free = free_mib(path)
+    return "free space unknown" if free is None else f"{free} MiB free there"
 
 
 class AtomicRLDSWriter:

@@ -13,12 +13,7 @@ from __future__ import annotations
 import os
 
 RUNTIME_WAIT_POLICY = "PASSIVE"
-RUNTIME_THREADS = 1
-
-
-def runtime_threads() -> int:
-    """Torch intra-op threads for stepping a policy at batch 1."""
-    return RUNTIME_THREADS
+RUNTIME_THREADS = 1  # torch intra-op threads for stepping a policy at batch 1
 
 
 def set_runtime_threads(threads: int) -> None:

@@ -529,16 +529,17 @@ class Trainer:
         the last training batch are not: such a policy returns NaN actions (e.g. after train.lr=1e30 the
         weights stay finite but BatchNorm statistics and activations overflow). Nothing is written then,
         so the newest checkpoint on disk and RUN_DIR/policy stay the last good ones."""
-        where = f"step {self.step}: refusing to save a policy"
-        last = ckpt.latest_checkpoint(self.out_dir)
-        keep = (f"the last good checkpoint {str(last)!r} is kept" if last is not None
-                else "no earlier checkpoint exists")
-        hint = "lower train.lr (and check the data's action statistics), then train again or --resume"
+        def refuse(what: str) -> TrainingError:
+            last = ckpt.latest_checkpoint(self.out_dir)
+            keep = (f"the last good checkpoint {str(last)!r} is kept" if last is not None
+                    else "no earlier checkpoint exists")
+            return TrainingError(f"step {self.step}: refusing to save a policy {what}; {keep}; lower train.lr "
+                                 "(and check the data's action statistics), then train again or --resume")
+
         # The trained weights go into the checkpoint, the EMA weights (when on) into the policy.
         bad = non_finite_tensors(self.model) + (non_finite_tensors(model) if model is not self.model else [])
         if bad:
-            raise TrainingError(f"{where} with non-finite weights: {len(bad)} tensors contain NaN or inf "
-                                f"({describe_non_finite(bad)}); {keep}; {hint}")
+            raise refuse(f"with non-finite weights: {len(bad)} tensors contain NaN or inf ({describe_non_finite(bad)})")
         batch = self._last_batch
         if batch is None:
             return
@@ -560,8 +561,8 @@ class Trainer:
                 self._set_train_mode()
         if not bool(torch.isfinite(logits).all()):
             frac = float((~torch.isfinite(logits)).float().mean())
-            raise TrainingError(f"{where} whose actions are not finite: on the last training batch, "
-                                f"{frac:.0%} of its evaluation-mode action logits are NaN or inf; {keep}; {hint}")
+            raise refuse(f"whose actions are not finite: on the last training batch, {frac:.0%} of its "
+                         "evaluation-mode action logits are NaN or inf")
 
     def save(self) -> Path:
         """Checkpoint + RUN_DIR/policy (rank 0 writes; call on every rank), after check_publishable."""

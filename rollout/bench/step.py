@@ -116,12 +116,12 @@ def bench_step_under_load(policy_dir: str | None, config: str, steps: int, load:
             row[state] = {"median_ms": r["median_ms"], "p90_ms": r["p90_ms"]}
         row["loaded_over_idle_p90"] = round(row["loaded"]["p90_ms"] / row["idle"]["p90_ms"], 2)
         rows.append(row)
-    from policy.threads import RUNTIME_WAIT_POLICY, runtime_threads
+    from policy.threads import RUNTIME_THREADS, RUNTIME_WAIT_POLICY
 
     best = min(rows, key=lambda r: r["loaded"]["p90_ms"])
     return {"benchmark": "step_under_load", "source": policy_dir or config, "steps": steps, "load_processes": load,
             "cpus": os.cpu_count(), "settings": rows,
-            "chosen": {"threads": runtime_threads(), "omp_wait_policy": RUNTIME_WAIT_POLICY},
+            "chosen": {"threads": RUNTIME_THREADS, "omp_wait_policy": RUNTIME_WAIT_POLICY},
             "best_loaded_p90": {"threads": best["threads"], "omp_wait_policy": best["omp_wait_policy"],
                                 "p90_ms": best["loaded"]["p90_ms"]},
             "machine": machine()}
