@@ -50,6 +50,15 @@ def action_names(name: str) -> tuple[str, ...]:
     return action_interface(env_family(name)).names
 
 
+def memory_facts(name: str, task: str) -> dict[str, Any]:
+    """What the memory benchmark states about a task (envs/memory_tasks.py): `chance` (success without
+    memory) for a memory task, `control_of` for a control; {} for every other task."""
+    if env_family(name) != "tabletop" or task not in TASKS:
+        return {}
+    t = TASKS[task]
+    return {k: v for k, v in (("chance", t.chance), ("control_of", t.control_of)) if v is not None}
+
+
 def list_tasks(name: str = "tabletop") -> dict[str, list[str]]:
     """Task name -> instructions (tabletop: templates with slots such as {obj}, {pad}, {direction}; memory tasks
     name no answer; Meta-World: sentences)."""

@@ -325,6 +325,38 @@ class PutBackExpert(WaypointExpert):
         ]
 
 
+class TouchOrderExpert(WaypointExpert):
+    """Holds still until the go light, touches the first object, rises, then touches the second."""
+
+    def waypoints(self) -> list[Waypoint]:
+        second = self.env.episode.other
+        return [
+            Waypoint(_here, OPEN, tol=1.0, wait=GO_STEP, hold=True),
+            Waypoint(_above(HOVER_Z), OPEN, tol=0.012),
+            Waypoint(_above(BLOCK_HALF + 0.01), OPEN, tol=0.008),
+            Waypoint(_above(HOVER_Z), OPEN, tol=0.015),
+            Waypoint(_above(HOVER_Z, second), OPEN, tol=0.012),
+            Waypoint(_above(BLOCK_HALF + 0.01, second), OPEN),
+        ]
+
+
+class PressAgainExpert(WaypointExpert):
+    """Presses the episode's pad with closed fingers, waits over the tray until the go light, presses it again."""
+
+    PRESS_TCP_Z = 0.02  # fingertips 2 cm over the pad: below memory_tasks.PRESS_Z, above the workspace floor
+
+    def waypoints(self) -> list[Waypoint]:
+        press = [
+            Waypoint(_above_pad(HOVER_Z), CLOSE, tol=0.012),
+            Waypoint(_above_pad(self.PRESS_TCP_Z), CLOSE, tol=0.006),
+        ]
+        return press + [
+            Waypoint(_above_pad(CARRY_Z), CLOSE, tol=0.02),
+            Waypoint(_above_tray(CARRY_Z), CLOSE, tol=0.015),
+            Waypoint(_above_tray(CARRY_Z), CLOSE, tol=1.0, until=_go, hold=True),
+        ] + press
+
+
 def make_expert(env: "TabletopEnv", noise: float = 0.0, seed: int | None = None) -> WaypointExpert:
     """The scripted expert for `env`'s task.
 

@@ -21,6 +21,10 @@ RGB: dict[str, tuple[float, float, float]] = {
     "blue": (0.12, 0.25, 0.90),
     "yellow": (0.92, 0.80, 0.08),
 }
+# The memory benchmark paints objects and pads (envs/memory_tasks.py): one neutral for "nothing to see"
+# (dark, so it stands out from the light table) besides the colours above.
+NEUTRAL = "grey"
+PAINT_RGB: dict[str, tuple[float, float, float]] = {**RGB, NEUTRAL: (0.22, 0.22, 0.24)}
 # Object slots: the scene always has these three bodies; colours are assigned per episode.
 OBJECTS: tuple[str, ...] = ("cube_a", "cube_b", "cylinder")
 SHAPES: dict[str, str] = {"cube_a": "cube", "cube_b": "cube", "cylinder": "cylinder"}

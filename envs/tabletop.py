@@ -26,8 +26,10 @@ from envs.scene import (
     DRAWER_KEEPOUT_LOW,
     FINGER_OPEN,
     MAX_DELTA,
+    NEUTRAL,
     OBJECTS,
     PADS,
+    PAINT_RGB,
     RGB,
     SHAPES,
     SUBSTEPS,
@@ -35,7 +37,8 @@ from envs.scene import (
     WORKSPACE_LOW,
     build_mjcf,
 )
-from envs.tasks import TASKS, Episode, Task, describe
+from envs.task_spec import Episode, Task, describe
+from envs.tasks import TASKS
 
 CAMERAS = ("front", "wrist")
 
@@ -185,8 +188,9 @@ class TabletopEnv(dm_env.Environment):
         self.task_state = {}
         self._step_count = 0
         self._needs_reset = False
-        self._last_info = self._info(self._task.success(self))
-        self._update_lamp()
+        success = self._task.success(self)
+        self._update_signals()
+        self._last_info = self._info(success)
         return dm_env.restart(self._observation())
 
     def step(self, action: Any) -> dm_env.TimeStep:
@@ -206,8 +210,8 @@ class TabletopEnv(dm_env.Environment):
                 self.task_state["first_grasped"] = held
 
         success = self._task.success(self)
+        self._update_signals()
         self._last_info = self._info(success)
-        self._update_lamp()
         obs = self._observation()
         reward = 1.0 if success else 0.0
         if (success and self.end_on_success) or a[4] > 0.5:
@@ -368,8 +372,20 @@ class TabletopEnv(dm_env.Environment):
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _update_lamp(self) -> None:
-        self.model.geom_rgba[self._lamp_geom, :3] = self._task.lamp(self)
+    def _update_signals(self) -> None:
+        """What the task shows in this step's observation: the lamp, and (memory benchmark) the paint of
+        objects and pads, which then also is what color_of / pad_color / target_color report."""
+        m = self.model
+        m.geom_rgba[self._lamp_geom, :3] = self._task.lamp(self)
+        if self._task.paint is None:
+            return
+        shown = self._task.paint(self)
+        for s in OBJECTS:
+            self._colors[s] = shown.get(s, NEUTRAL)
+            m.geom_rgba[self._obj_geom[s], :3] = PAINT_RGB[self._colors[s]]
+        for p in PADS:
+            self._pad_colors[p] = shown.get(p, NEUTRAL)
+            m.geom_rgba[self._pad_geom[p], :3] = PAINT_RGB[self._pad_colors[p]]
 
     def _observation(self) -> dict[str, np.ndarray]:
         image = self.render() if self._renderer is not None else self._blank.copy()
@@ -414,7 +430,11 @@ class TabletopEnv(dm_env.Environment):
                 pads[p] = xy
                 placed.append((xy, PAD_GAP))
             objects: dict[str, np.ndarray] = {}
+            if self._task.target_on_pad and self._episode.pad in pads:
+                objects[self._episode.target] = pads[self._episode.pad].copy()  # its pad keeps the others away
             for s in OBJECTS:
+                if s in objects:
+                    continue
                 xy = _place(rng, placed, BLOCK_GAP, OBJECT_RADIUS)
                 if xy is None:
                     break

@@ -1,5 +1,6 @@
-"""Task registry: what each task picks per episode, its instruction templates, success check,
-layout constraint, episode limit and (for memory tasks) what the cue lamp shows.
+"""Task registry (`TASKS`): the reactive tasks and the first two memory tasks defined here, then the memory
+benchmark (envs/memory_tasks.py). Per task: what it picks per episode, its instruction templates, success
+check, layout constraint, episode limit and what the cue lamp shows (`Task` in envs/task_spec.py).
 
 A task only reads the scene through the env's privileged accessors (object_pos, gripper_pos,
 ...), so adding a task means adding one `Task` entry plus its expert in experts.py.
@@ -10,12 +11,12 @@ Instruction templates use the slots {obj} ("red cube"), {other} (a second object
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from envs import experts
+from envs.memory_tasks import MEMORY_BENCHMARK
 from envs.scene import (
     BLOCK_HALF,
     DIRECTIONS,
@@ -27,73 +28,24 @@ from envs.scene import (
     PAD_HALF,
     PADS,
     RGB,
-    SHAPES,
     TRAY_FLOOR_TOP,
     TRAY_INNER_HALF,
 )
+from envs.task_spec import CUE_STEPS, LAMP_WHITE, Episode, Task, cue_touch_success, go_lamp, hold_for_go
+from envs.task_spec import on_table, over_tray
 
 if TYPE_CHECKING:
     from envs.tabletop import TabletopEnv
 
 REACH_RADIUS = 0.03
-TOUCH_RADIUS = 0.035  # cue_touch: tcp this close to an object centre (or a finger contact) touches it
 LIFT_HEIGHT = 0.05
 PUSH_DISTANCE = 0.08
-LAMP_WHITE = (1.0, 1.0, 1.0)
-# Memory-task timing (control steps). cue_touch: the cue is lit in observations 0..CUE_STEPS-1,
-# dark until GO_STEP, then white ("go"); touching anything before GO_STEP fails the episode.
-# At GO_STEP the newest 6 frames (GO_STEP-5..GO_STEP) all show a dark or white lamp and a still arm.
-CUE_STEPS = 3
-# GO_STEP lives in envs/scene.py with DIRECTIONS: the experts need both, and tasks imports the experts.
-# put_back: the lamp turns white once the object was held over the tray for HOLD_STEPS steps.
-HOLD_STEPS = 8
 PUT_BACK_RADIUS = 0.03
 DRAWER_OPEN = 0.08  # open_drawer: pulled out at least this far (m); travel is 0.12
 DRAWER_CLOSED = 0.01  # close_drawer: pushed back to within this (starts 0.08-0.11 open)
 
 
-@dataclass(frozen=True)
-class Episode:
-    """What a task chose for one episode (object slots, pad name, push direction, cue colour)."""
-
-    target: str
-    other: str | None = None
-    pad: str | None = None
-    direction: str | None = None
-    cue: str | None = None
-
-
-@dataclass(frozen=True)
-class Task:
-    name: str
-    templates: tuple[str, ...]
-    success: Callable[["TabletopEnv"], bool]  # called once per step; may update env.task_state
-    expert: type[experts.WaypointExpert]
-    max_steps: int = 60
-    # Picks the episode's objects given the slot colours.
-    choose: Callable[[np.random.Generator, dict[str, str]], Episode] = field(
-        default=lambda rng, colors: Episode(target=OBJECTS[rng.integers(len(OBJECTS))])
-    )
-    # Extra layout constraint on (object xy by slot, tray xy, pad xy by name, episode).
-    layout_ok: Callable[[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], Episode], bool] = (
-        lambda objects, tray, pads, episode: True
-    )
-    distinct_colors: bool = False  # all three objects get different colours
-    uses_pads: bool = False
-    memory: bool = False
-    lamp: Callable[["TabletopEnv"], tuple[float, float, float]] = lambda env: LAMP_DARK
-    drawer_start: Callable[[np.random.Generator], float] = lambda rng: 0.0  # drawer opening at reset (m)
-
-
-def describe(slot: str, colors: dict[str, str]) -> str:
-    return f"{colors[slot]} {SHAPES[slot]}"
-
-
 # ---- success checks -------------------------------------------------------------------------
-
-
-def _on_table(env: "TabletopEnv", slot: str) -> bool:
-    return bool(env.object_pos(slot)[2] < BLOCK_HALF + 0.01)
 
 
 def _reach_success(env: "TabletopEnv") -> bool:
@@ -108,7 +60,7 @@ def _lift_success(env: "TabletopEnv") -> bool:
 def _push_success(env: "TabletopEnv") -> bool:
     t = env.target
     moved = (env.object_pos(t) - env.object_start_pos(t))[:2] @ DIRECTIONS[env.episode.direction or "forward"]
-    return bool(moved >= PUSH_DISTANCE and _on_table(env, t))
+    return bool(moved >= PUSH_DISTANCE and on_table(env, t))
 
 
 def _place_success(env: "TabletopEnv") -> bool:
@@ -122,7 +74,7 @@ def _place_success(env: "TabletopEnv") -> bool:
 def _pad_success(env: "TabletopEnv") -> bool:
     t = env.target
     rel = env.object_pos(t)[:2] - env.pad_pos(env.episode.pad)[:2]
-    return bool(np.all(np.abs(rel) < PAD_HALF) and _on_table(env, t) and not env.touching_fingers(t))
+    return bool(np.all(np.abs(rel) < PAD_HALF) and on_table(env, t) and not env.touching_fingers(t))
 
 
 def _stack_success(env: "TabletopEnv") -> bool:
@@ -130,22 +82,7 @@ def _stack_success(env: "TabletopEnv") -> bool:
     top, bottom = env.object_pos(t), env.object_pos(base)
     aligned = np.linalg.norm(top[:2] - bottom[:2]) < BLOCK_HALF
     on_top = abs(top[2] - bottom[2] - 2 * BLOCK_HALF) < 0.01
-    return bool(aligned and on_top and _on_table(env, base) and not env.touching_fingers(t))
-
-
-def _touched(env: "TabletopEnv") -> list[str]:
-    tcp = env.gripper_pos()
-    return [s for s in OBJECTS if np.linalg.norm(tcp - env.object_pos(s)) < TOUCH_RADIUS or env.touching_fingers(s)]
-
-
-def _cue_touch_success(env: "TabletopEnv") -> bool:
-    state = env.task_state
-    if "first_touch" not in state:
-        touched = _touched(env)
-        if touched:
-            # Too early or the wrong object: the episode cannot succeed any more.
-            state["first_touch"] = touched[0] if env.step_count >= GO_STEP and len(touched) == 1 else "invalid"
-    return state.get("first_touch") == env.target
+    return bool(aligned and on_top and on_table(env, base) and not env.touching_fingers(t))
 
 
 def _cue_lamp(env: "TabletopEnv") -> tuple[float, float, float]:
@@ -160,27 +97,15 @@ def _cue_lit_lamp(env: "TabletopEnv") -> tuple[float, float, float]:
     return LAMP_WHITE if env.step_count >= GO_STEP else RGB[env.episode.cue]
 
 
-def _over_tray(env: "TabletopEnv", slot: str) -> bool:
-    rel = env.object_pos(slot) - env.tray_pos()
-    return bool(np.all(np.abs(rel[:2]) < TRAY_INNER_HALF) and rel[2] > 0.06 and env.grasped(slot))
-
-
 def _put_back_success(env: "TabletopEnv") -> bool:
     state, t = env.task_state, env.target
     if not state.get("go", False):
-        state["held"] = state.get("held", 0) + 1 if _over_tray(env, t) else 0
-        state["go"] = state["held"] >= HOLD_STEPS
-        if state["go"]:
-            state["go_step"] = env.step_count
+        hold_for_go(env, over_tray(env, t))
         return False
     offset = float(np.linalg.norm(env.object_pos(t)[:2] - env.object_start_pos(t)[:2]))
     # Kept for the eval record: how far from its start the object is at the episode's end.
     state["distance_from_start"] = round(offset, 4)
-    return bool(offset < PUT_BACK_RADIUS and _on_table(env, t) and not env.touching_fingers(t))
-
-
-def _put_back_lamp(env: "TabletopEnv") -> tuple[float, float, float]:
-    return LAMP_WHITE if env.task_state.get("go", False) else LAMP_DARK
+    return bool(offset < PUT_BACK_RADIUS and on_table(env, t) and not env.touching_fingers(t))
 
 
 def _drawer_open_success(env: "TabletopEnv") -> bool:
@@ -389,7 +314,7 @@ TASKS: dict[str, Task] = {
                 "when the light goes white, touch the object whose colour the light showed first",
                 "note the lamp colour, wait for white, then go to the object of that colour",
             ),
-            _cue_touch_success,
+            cue_touch_success,
             experts.CueTouchExpert,
             max_steps=50,
             choose=_choose_cue,
@@ -407,7 +332,7 @@ TASKS: dict[str, Task] = {
                 "touch the object matching the lamp's colour once the lamp turns white",
                 "the light shows a colour, then white, and on white you go to the object of its colour",
             ),
-            _cue_touch_success,
+            cue_touch_success,
             experts.CueTouchExpert,
             max_steps=50,
             choose=_choose_cue,
@@ -426,7 +351,8 @@ TASKS: dict[str, Task] = {
             experts.PutBackExpert,
             max_steps=100,
             memory=True,
-            lamp=_put_back_lamp,
+            lamp=go_lamp,
         ),
     )
 }
+TASKS.update(MEMORY_BENCHMARK)  # the memory benchmark: envs/memory_tasks.py

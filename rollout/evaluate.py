@@ -76,10 +76,15 @@ class EvalResult:
         return out
 
     def table(self) -> str:
-        rows = [f"{'task':<12} {'success':>8} {'episodes':>9} {'mean len':>9}"]
+        # Memory-benchmark tasks add a column: a memory task's chance level, or which memory task a control is for.
+        w = max([12, *map(len, self.per_task)])
+        notes = {t: f"chance {r['chance']:.0%}" if "chance" in r else f"control of {r['control_of']}"
+                 for t, r in self.per_task.items() if "chance" in r or "control_of" in r}
+        rows = [f"{'task':<{w}} {'success':>8} {'episodes':>9} {'mean len':>9}" + ("  memory" if notes else "")]
         for task, r in self.per_task.items():
-            rows.append(f"{task:<12} {r['success_rate']:>8.0%} {r['episodes']:>9d} {r['mean_length']:>9.1f}")
-        rows.append(f"{'mean':<12} {self.mean_success:>8.0%} {self.episodes:>9d}")
+            rows.append(f"{task:<{w}} {r['success_rate']:>8.0%} {r['episodes']:>9d} {r['mean_length']:>9.1f}"
+                        + (f"  {notes[task]}" if task in notes else ""))
+        rows.append(f"{'mean':<{w}} {self.mean_success:>8.0%} {self.episodes:>9d}")
         return "\n".join(rows)
 
 
@@ -155,7 +160,7 @@ def evaluate(policy_dir: str | Path, env_name: str | None = None, tasks: list[st
     for task in tasks:
         rs = [r for r in records if r.task == task]
         per_task[task] = {"success_rate": sum(r.success for r in rs) / len(rs), "episodes": len(rs),
-                          "mean_length": float(np.mean([r.length for r in rs]))}
+                          "mean_length": float(np.mean([r.length for r in rs])), **envs.memory_facts(env_name, task)}
     result = EvalResult(per_task, len(records), time.perf_counter() - start,
                         [r.video for r in records if r.video], records)
     if chart is not None:

@@ -15,7 +15,9 @@ from envs.experts import make_expert
 from envs.ik import DampedLeastSquaresIK
 from envs.scene import ARM_JOINTS, BLOCK_HALF, COLORS, OBJECTS, PADS, RGB, SHAPES, WORKSPACE_HIGH, WORKSPACE_LOW
 from envs.tabletop import GRIPPER_DOWN, TabletopEnv, task_max_steps, task_names
-from envs.tasks import CUE_STEPS, GO_STEP, HOLD_STEPS, PUT_BACK_RADIUS, TASKS
+from envs.scene import GO_STEP
+from envs.task_spec import CUE_STEPS, HOLD_STEPS
+from envs.tasks import PUT_BACK_RADIUS, TASKS
 
 ALL_TASKS = task_names()
 MEMORY_TASKS = [t for t in ALL_TASKS if TASKS[t].memory]
@@ -239,7 +241,8 @@ def test_put_back_needs_the_hold_over_the_tray(make_env):
 # ---- experts -------------------------------------------------------------------------------
 
 
-PICKING_EXPERTS = {"lift", "place", "slide", "stack", "place_on_pad", "pick_shape", "place_shape", "put_back"}
+PICKING_EXPERTS = {"lift", "place", "slide", "stack", "place_on_pad", "pick_shape", "place_shape", "put_back",
+                   "which_pad", "which_pad_shown"}
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)
