@@ -119,6 +119,9 @@ class ImageEncoderConfig:
     vit_depth: int = 0
     vit_heads: int = 0
     vit_mlp_ratio: float = 4.0
+    # Stochastic depth (training only): each ViT block's residual branches are dropped per sample with a rate
+    # rising linearly from 0 to this over the depth (timm's drop_path_rate, which EfficientTTMs passes on).
+    vit_drop_path: float = 0.0
     # ViTTM streams: (image_size / patch)^2 tokens each. The process stream (fewer, larger patches) goes
     # through the ViT blocks; the memory stream (more or equal, smaller patches) is only read and written,
     # so memory_patch <= process_patch. Both must divide image_size.
@@ -692,6 +695,7 @@ def _check_vit_size(img: ImageEncoderConfig) -> ViTSpec:
     spec = img.vit_spec()
     _require(spec.width % spec.heads == 0, f + "vit_heads", f"a divisor of the width {spec.width}", spec.heads)
     _require(img.vit_mlp_ratio > 0, f + "vit_mlp_ratio", "> 0", img.vit_mlp_ratio)
+    _require(0.0 <= img.vit_drop_path < 1.0, f + "vit_drop_path", "a rate in [0, 1)", img.vit_drop_path)
     return spec
 
 

@@ -53,20 +53,36 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
 
-class Block(nn.Module):
-    """Pre-LN transformer encoder block (ViT)."""
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth on a residual branch, as timm's DropPath: in training, each sample's branch is
+    dropped with probability p and the kept ones are scaled by 1 / (1 - p); the identity in evaluation."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - p)
+    return x * keep.div_(1.0 - p)
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Per-block rates rising linearly from 0 to `rate` over the depth (timm's and EfficientTTMs' schedule)."""
+    # as torch.linspace(0, rate, depth), without a tensor (meta-device safe): one block gets 0, like timm's
+    return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [0.0] * depth
+
+
+class Block(nn.Module):
+    """Pre-LN transformer encoder block (ViT); `drop_path`: stochastic depth rate of both residual branches."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -108,7 +124,8 @@ class FiLMViT(nn.Module):
         self.spec = spec
         self.patch = cfg.plain_vit_patch()
         self.embed = PatchEmbed(cfg.image_size, self.patch, spec.width)
-        self.blocks = nn.ModuleList(Block(spec.width, spec.heads, spec.mlp_ratio) for _ in range(spec.depth))
+        self.blocks = nn.ModuleList(Block(spec.width, spec.heads, spec.mlp_ratio, p)
+                                    for p in drop_path_rates(cfg.vit_drop_path, spec.depth))
         self.films = nn.ModuleList(TokenFiLM(context_dim, spec.width) for _ in range(spec.depth))
         self.out = TokenOutput(spec.width, cfg.token_dim, context_dim)
         init_vit_weights(self)

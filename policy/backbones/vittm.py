@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policy.backbones.registry import register_backbone
-from policy.backbones.vit import LN_EPS, Block, PatchEmbed, init_vit_weights
+from policy.backbones.vit import LN_EPS, Block, PatchEmbed, drop_path_rates, init_vit_weights
 from policy.config import ImageEncoderConfig, ViTSpec
 from policy.film import TokenFiLM
 from policy.token_learner import TokenLearner
@@ -140,12 +140,12 @@ class ViTTMLayer(nn.Module):
     """One block's norms, heads and ViT block; the fusions are passed in (shared by all blocks by default)."""
 
     def __init__(self, cfg: ImageEncoderConfig, spec: ViTSpec, process: int, memory: int, context_dim: int,
-                 write: bool):
+                 write: bool, drop_path: float = 0.0):
         super().__init__()
         d = spec.width
         self.read_norm = nn.LayerNorm(d, eps=LN_EPS)
         self.read = make_head(cfg.rw_head, spec, process, cfg.rw_latent_scale)
-        self.block = Block(d, spec.heads, spec.mlp_ratio)
+        self.block = Block(d, spec.heads, spec.mlp_ratio, drop_path)  # the reference: timm's Block, drop_path=dpr[i]
         self.film = TokenFiLM(context_dim, d)
         # Kept without the write: the reference's process output is process_norm(write_norm(P)).
         self.write_norm = nn.LayerNorm(d, eps=LN_EPS)
@@ -177,8 +177,8 @@ class FiLMViTTM(nn.Module):
         self.memory_embed = PatchEmbed(cfg.image_size, cfg.memory_patch, spec.width)
         last_write = cfg.output_stream != "process"
         self.layers = nn.ModuleList(
-            ViTTMLayer(cfg, spec, process, memory, context_dim, write=i < spec.depth - 1 or last_write)
-            for i in range(spec.depth))
+            ViTTMLayer(cfg, spec, process, memory, context_dim, write=i < spec.depth - 1 or last_write, drop_path=p)
+            for i, p in enumerate(drop_path_rates(cfg.vit_drop_path, spec.depth)))
         writes = sum(layer.write is not None for layer in self.layers)
         # read_fusion / write_fusion: one Fusion shared by all blocks, or (fusion_gate_per_block, only
         # where it has parameters: add_erase) one per block (writes: one per writing block).

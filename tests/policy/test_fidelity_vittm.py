@@ -422,3 +422,42 @@ def test_parameter_counts_against_the_paper(name, size, pp, mp, paper_m, ref_tot
     # FiLM (2 x Linear(512, width) per block, + one on the 512 output tokens) and the projection come on top
     assert both["film"] == 12 * 2 * (512 * width + width) + 2 * (512 * 512 + 512)
     assert both["proj"] == width * 512
+
+
+# --- drop path (stochastic depth): timm's DropPath on both residual branches, rates linear over depth ---------
+
+def test_drop_path_rates_rise_linearly_and_are_the_identity_in_evaluation():
+    from policy.backbones.vit import FiLMViT, drop_path, drop_path_rates
+
+    assert drop_path_rates(0.1, 4) == pytest.approx([0.0, 0.1 / 3, 0.2 / 3, 0.1]) and drop_path_rates(0.2, 1) == [0.0]
+    assert ImageEncoderConfig().vit_drop_path == 0.0  # the reference's default drop_path_rate
+    for net in (FiLMViTTM(tiny(vit_drop_path=0.3, vit_depth=3), CTX),
+                FiLMViT(tiny(backbone="vit", vit_drop_path=0.3, vit_depth=3), CTX)):
+        blocks = [layer.block for layer in net.layers] if isinstance(net, FiLMViTTM) else list(net.blocks)
+        assert [b.drop_path for b in blocks] == pytest.approx([0.0, 0.15, 0.3])
+        net_cfg = tiny(vit_depth=3) if isinstance(net, FiLMViTTM) else tiny(backbone="vit", vit_depth=3)
+        plain = type(net)(net_cfg, CTX)
+        plain.load_state_dict(randomise(net).state_dict())
+        images, context = torch.randn(3, 3, 32, 32), torch.randn(3, CTX)
+        with torch.no_grad():
+            assert torch.equal(net.eval()(images, context), plain.eval()(images, context)), net_cfg.backbone
+            torch.manual_seed(0)
+            trained = net.train()(images, context)
+        assert not torch.allclose(trained, plain.train()(images, context))  # training drops branches
+    # per sample: a branch is all kept (scaled by 1/(1-p)) or all dropped; the mean is kept
+    torch.manual_seed(1)
+    x = torch.ones(4000, 5, 7)
+    out = drop_path(x, 0.25, training=True)
+    per_sample = out.flatten(1)
+    assert set(per_sample.unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
+    assert torch.all(per_sample.min(1).values == per_sample.max(1).values)
+    assert abs(out.mean().item() - 1.0) < 0.03 and torch.equal(drop_path(x, 0.25, training=False), x)
+
+
+def test_drop_path_rate_is_checked():
+    from policy.config import ConfigError, load_config
+
+    for bad in ("-0.1", "1.0"):
+        with pytest.raises(ConfigError, match=r"model.image.vit_drop_path: expected a rate in \[0, 1\)"):
+            load_config(None, ["model.image.backbone=vittm", f"model.image.vit_drop_path={bad}"])
+    assert load_config(None, ["model.image.backbone=vittm", "model.image.vit_drop_path=0.1"]).model.image.vit_drop_path == 0.1
