@@ -466,6 +466,12 @@ class TrainConfig:
     # Cross-entropy against a Gaussian over neighbouring bins (sigma in bins; 0 = one-hot, as RT-1).
     # Bins are ordinal; smoothing shares evidence between neighbours, which matters on small datasets.
     label_sigma: float = 0.0
+    # Keyframe loss weighting (memory tasks, whose episodes are mostly waiting): a valid step whose action
+    # differs from the previous step's by more than keyframe_threshold in some dimension (action units: a
+    # gripper toggle, a start or a stop) weighs keyframe_weight in the loss, every other step 1. 1 = off.
+    # Needs sequences (data.sequence_length >= 2): the previous step is in the same sequence.
+    keyframe_weight: float = 1.0
+    keyframe_threshold: float = 0.5
     # Fine-tuning: start from one of our policy directories. The listed top-level modules of the
     # PolicyModel (e.g. backbone, token_learner, image_pos, controller, head, text) are copied from its
     # model.safetensors, shape-checked; the rest starts fresh. The text encoder is left out by default
@@ -510,6 +516,9 @@ class TrainConfig:
         _require(self.log_every >= 1, "train.log_every", ">= 1 steps", self.log_every)
         _require(self.num_threads >= 0, "train.num_threads", ">= 0 (0 = torch's default)", self.num_threads)
         _require(self.label_sigma >= 0, "train.label_sigma", ">= 0", self.label_sigma)
+        _require(self.keyframe_weight >= 1, "train.keyframe_weight", ">= 1 (1 = off)", self.keyframe_weight)
+        _require(self.keyframe_threshold > 0, "train.keyframe_threshold", "> 0 (action units)",
+                 self.keyframe_threshold)
         _require(self.optimizer in ("adamw", "adam"), "train.optimizer", "'adamw' or 'adam'", self.optimizer)
         _require(self.grad_accum >= 1, "train.grad_accum", ">= 1", self.grad_accum)
         _require(self.batch_size % self.grad_accum == 0, "train.batch_size",
@@ -548,6 +557,10 @@ class ExperimentConfig:
             _require(c.memory_horizon == 0, "model.controller.memory_horizon",
                      "0 when training unrolls whole episodes (data.sequence: episode)", c.memory_horizon)
         self.train.validate()
+        if self.train.keyframe_weight != 1:
+            _require(d.sequence_length >= 2, "train.keyframe_weight",
+                     f"1 (off) with data.sequence_length {d.sequence_length}: a keyframe is a change from the "
+                     "previous step, which a 1-step sequence does not hold", self.train.keyframe_weight)
 
 
 def _structured(cfg: Any) -> Any:

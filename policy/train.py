@@ -212,16 +212,28 @@ def init_from_policy(model: torch.nn.Module, policy_dir: str | Path, modules: li
     return copied
 
 
+def keyframe_weights(actions: torch.Tensor, mask: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
+    """Per-step loss weights [B,T] for actions [B,T,A] and mask [B,T]: `weight` at valid steps whose action
+    differs from the previous valid step's by more than `threshold` in some dimension, 1 at other valid
+    steps, 0 at padding (train.keyframe_weight)."""
+    m = mask.bool()
+    change = (actions[:, 1:] - actions[:, :-1]).abs().amax(-1) > threshold
+    key = torch.zeros_like(m)
+    key[:, 1:] = change & m[:, 1:] & m[:, :-1]
+    return m.float() * (1.0 + (weight - 1.0) * key.float())
+
+
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                  label_sigma: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over [B,T,A,bins] logits at valid steps; returns (loss, per-dimension accuracy)."""
+                  label_sigma: float = 0.0, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over [B,T,A,bins] logits at valid steps, a weighted mean where `weights` [B,T] is given
+    (zero at padding); returns (loss, per-dimension accuracy over the valid steps, unweighted)."""
     if label_sigma > 0:
         ce = -(soft_targets(targets, logits.shape[-1], label_sigma) * logits.log_softmax(-1)).sum(-1)
     else:
         ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape)
     m = mask.unsqueeze(-1).to(ce.dtype)
-    denom = m.sum().clamp_min(1.0) * targets.shape[-1]
-    loss = (ce * m).sum() / denom
+    w = m if weights is None else weights.unsqueeze(-1).to(ce.dtype)
+    loss = (ce * w).sum() / (w.sum().clamp_min(1e-12 if weights is not None else 1.0) * targets.shape[-1])
     with torch.no_grad():
         correct = (logits.argmax(-1) == targets).to(ce.dtype) * m
         acc = correct.sum(dim=(0, 1)) / m.sum().clamp_min(1.0)
@@ -589,7 +601,8 @@ class Trainer:
         logits = self.forward(self.instr_ids[idx].to(dev), self.instr_mask[idx].to(dev), images,
                               proprio.to(dev) if proprio is not None else None, mask, embedding)
         targets = self.action_tok.tokenize(batch["action"]).to(dev)
-        loss, acc = sequence_loss(logits.float(), targets, mask, self.cfg.train.label_sigma)
+        weights = batch["loss_weight"].to(dev) if "loss_weight" in batch else None
+        loss, acc = sequence_loss(logits.float(), targets, mask, self.cfg.train.label_sigma, weights)
         return loss, acc, mask.sum()
 
     def train_step(self) -> tuple[StepStats, float]:
@@ -599,6 +612,10 @@ class Trainer:
         torch.manual_seed(seed)  # dropout: a pure function of (seed, rank, step), resumable
         t0 = time.perf_counter()
         micro = [next(self._batches) for _ in range(self.cfg.train.grad_accum)]
+        t = self.cfg.train
+        if t.keyframe_weight != 1:
+            for b in micro:  # TrainStep weighs micro-batches by these sums: accumulation stays one big batch
+                b["loss_weight"] = keyframe_weights(b["action"], b["mask"], t.keyframe_weight, t.keyframe_threshold)
         self._last_batch = micro[-1]  # what check_publishable runs the policy on
         wait = time.perf_counter() - t0
         stats = self.opt.step(micro, self._loss, self.step)

@@ -87,8 +87,10 @@ class Optimization:
     def step(self, micro_batches: list[dict], loss_fn: LossFn, step: int) -> StepStats:
         """Accumulate gradients over `micro_batches`, weighting each by its share of valid tokens (so that
         accumulation equals one big batch), then clip and update unless the loss or gradient is not finite."""
-        counts = [float(b["mask"].sum()) for b in micro_batches]
-        total = max(sum(counts), 1.0)
+        # a micro-batch's share: its valid steps, or its summed loss weights where the batch carries them
+        counts = [float(b["loss_weight"].sum() if "loss_weight" in b else b["mask"].sum()) for b in micro_batches]
+        total = max(sum(counts), 1e-12)
+        valid = int(sum(float(b["mask"].sum()) for b in micro_batches))
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         # A skipped step must leave no trace: its forward passes updated BatchNorm statistics (maybe with NaN).
         buffers = [b.detach().clone() for b in self.raw_model.buffers()]
@@ -137,5 +139,5 @@ class Optimization:
         self.scheduler.step()  # the schedule is a function of the step index, skipped or not
         self._sync()
         opt_s = time.perf_counter() - t2
-        return StepStats(loss_sum if not bad else float("nan"), acc_sum, float(grad_norm), bad, int(total),
+        return StepStats(loss_sum if not bad else float("nan"), acc_sum, float(grad_norm), bad, valid,
                          fwd, bwd, opt_s)

@@ -141,16 +141,22 @@ def test_two_process_gloo_torchrun_ends_with_identical_weights(tiny_data, tmp_pa
     assert (out / "policy" / "model.safetensors").is_file()
 
 
-def test_gradient_accumulation_equals_the_bigger_batch(tiny_data, tmp_path):
+@pytest.mark.parametrize("keyframes", [[], ["data.sequence=window", "data.sequence_length=3",
+                                              "model.controller.memory_horizon=3", "train.keyframe_weight=5",
+                                              "train.keyframe_threshold=0.05"]], ids=["plain", "keyframe-weighted"])
+def test_gradient_accumulation_equals_the_bigger_batch(tiny_data, tmp_path, keyframes):
     from policy.train import Trainer
 
     # A LayerNorm backbone: BatchNorm statistics would (rightly) differ between micro-batches and one batch.
-    common = ["train.steps=2", "model.image.backbone=vit", "train.seed=3"]
+    common = ["train.steps=2", "model.image.backbone=vit", "train.seed=3", *keyframes]
     states = []
     for accum in (1, 2):
         t = Trainer(cfg_of(*common, f"train.grad_accum={accum}"), tiny_data, tmp_path / f"a{accum}", progress=False)
+        heaviest = 0.0
         for _ in range(2):
             t.train_step()
+            heaviest = max(heaviest, float(t._last_batch.get("loss_weight", torch.ones(1)).max()))
+        assert heaviest == (5.0 if keyframes else 1.0)  # the weighting is in play where it is on
         states.append(t.model.state_dict())
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], atol=2e-5, rtol=1e-4, msg=k)
@@ -432,3 +438,35 @@ def test_fine_tune_with_the_default_modules_works_without_image_positions(tiny_d
     ft = train(cfg_of("train.steps=1", "model.image.position_embedding=false", f"train.init_from={src.policy_dir}"),
                tiny_data, tmp_path / "ft", progress=False)
     assert ft.steps == 1
+
+
+def test_keyframe_weights_mark_action_changes_and_weigh_the_loss():
+    from policy.train import keyframe_weights, sequence_loss
+
+    actions = torch.zeros(2, 5, 3)
+    actions[0, 2:, 0] = 0.8  # a start at step 2
+    actions[0, 4, 2] = 1.0  # a gripper toggle at step 4
+    actions[1, 1, 1] = 0.2  # below the threshold
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    w = keyframe_weights(actions, mask, 4.0, 0.5)
+    assert w.tolist() == [[1, 1, 4, 1, 4], [1, 1, 1, 0, 0]]
+    logits = torch.randn(2, 5, 3, 7)
+    targets = torch.randint(0, 7, (2, 5, 3))
+    plain, acc = sequence_loss(logits, targets, mask)
+    weighted, acc_w = sequence_loss(logits, targets, mask, weights=w)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(2, 5, 3)
+    torch.testing.assert_close(weighted, (ce * w[..., None]).sum() / (w.sum() * 3))
+    torch.testing.assert_close(plain, (ce * mask[..., None]).sum() / (mask.sum() * 3))
+    assert torch.equal(acc, acc_w)  # accuracy stays over the valid steps, unweighted
+    assert torch.equal(keyframe_weights(actions, mask, 1.0, 0.5), mask.float())
+
+
+def test_keyframe_weighting_needs_sequences_and_a_weight_of_at_least_one():
+    from policy.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.keyframe_weight: expected 1 \(off\) with data.sequence_length 1"):
+        cfg_of("train.keyframe_weight=3")
+    with pytest.raises(ConfigError, match=r"train.keyframe_weight: expected >= 1 \(1 = off\), got 0.5"):
+        cfg_of("train.keyframe_weight=0.5")
+    with pytest.raises(ConfigError, match=r"train.keyframe_threshold: expected > 0"):
+        cfg_of("train.keyframe_threshold=0")
