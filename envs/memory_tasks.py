@@ -2,7 +2,7 @@
 
 Perception is made easy so that the tasks measure memory: the cue is a whole object or pad painted in a
 vivid colour (scene.PAINT_RGB) on dark-grey (scene.NEUTRAL) objects and pads, and the go signal is the lamp
-turning white. In a memory task the cue is gone before the decision: at the decision every object and pad
+and a bar along the table's front edge (scene.GO_BAR_POS, which the arm cannot hide) turning white. In a memory task the cue is gone before the decision: at the decision every object and pad
 looks alike, the arm has stood still (or held over the tray) for at least 6 steps, so neither the current
 frame nor a 6-frame window tells the answer. Each control shows the needed information at decision time
 and is otherwise the same episode; a policy that fails a control fails its memory task for other reasons.
@@ -207,8 +207,8 @@ _PRESS_AGAIN = (
 def _pair(name: str, kind_templates: tuple[str, ...], control_templates: tuple[str, ...], chance: float,
           paint, shown_paint, **common) -> tuple[Task, Task]:
     """A memory task and its control: the same episodes, success check, expert and timing."""
-    return (Task(name, kind_templates, memory=True, chance=chance, paint=paint, **common),
-            Task(f"{name}_shown", control_templates, control_of=name, paint=shown_paint, **common))
+    return (Task(name, kind_templates, memory=True, chance=chance, paint=paint, go_bar=True, **common),
+            Task(f"{name}_shown", control_templates, control_of=name, paint=shown_paint, go_bar=True, **common))
 
 
 MEMORY_BENCHMARK: dict[str, Task] = {

@@ -48,6 +48,11 @@ TRAY_WALL_HEIGHT = 0.03
 TRAY_FLOOR_TOP = 0.006
 LAMP_POS = np.array([-0.24, 0.30, 0.06])  # cue lamp: back-left corner, on a post
 LAMP_DARK = (0.08, 0.08, 0.08)
+# Memory benchmark go signal: a 32 x 4 cm bar flat on the table's front edge that shows the lamp's colour.
+# The lamp on its post can be hidden behind the arm (in ~1 of 10 holds over the tray); nothing the tcp can
+# reach lies between the front camera and the bar. Other tasks keep it under the table.
+GO_BAR_POS = np.array([0.0, -0.29, 0.0])
+GO_BAR_HALF = (0.16, 0.02, 0.004)
 
 # Drawer cabinet at the back right: closed drawer front at y = CABINET_FRONT_Y, the handle bar
 # HANDLE_GAP in front of it (room for the closed fingers between bar and front), opens along -y.
@@ -137,6 +142,15 @@ def _pads() -> str:
     </body>"""
         for p in PADS
     )
+
+
+def _go_bar() -> str:
+    hx, hy, hz = GO_BAR_HALF
+    dark = " ".join(f"{v:g}" for v in LAMP_DARK)
+    return f"""
+    <body name="go_bar" mocap="true" pos="0 0 -0.2">
+      <geom name="go_bar" type="box" size="{hx} {hy} {hz}" pos="0 0 {hz}" rgba="{dark} 1" contype="0" conaffinity="0"/>
+    </body>"""
 
 
 def _lamp() -> str:
@@ -291,6 +305,7 @@ def build_mjcf() -> str:
 {_tray()}
 {_pads()}
 {_lamp()}
+{_go_bar()}
 {_cabinet()}
   </worldbody>
   <contact>

@@ -25,6 +25,7 @@ from envs.scene import (
     DRAWER_KEEPOUT_HIGH,
     DRAWER_KEEPOUT_LOW,
     FINGER_OPEN,
+    GO_BAR_POS,
     MAX_DELTA,
     NEUTRAL,
     OBJECTS,
@@ -119,6 +120,8 @@ class TabletopEnv(dm_env.Environment):
         self._pad_mocap = {p: m.body_mocapid[m.body(p).id] for p in PADS}
         self._pad_geom = {p: m.geom(p).id for p in PADS}
         self._lamp_geom = m.geom("lamp").id
+        self._go_bar_geom = m.geom("go_bar").id
+        self._go_bar_mocap = m.body_mocapid[m.body("go_bar").id]
         self._drawer_qpos = m.joint("drawer").qposadr[0]
         self._handle = m.site("handle").id
         self._finger_qpos = [m.joint(f"finger_{s}").qposadr[0] for s in ("left", "right")]
@@ -174,6 +177,7 @@ class TabletopEnv(dm_env.Environment):
             m.geom_rgba[self._pad_geom[p], :3] = RGB[self._pad_colors[p]]
             d.mocap_pos[self._pad_mocap[p]] = [*pads[p], 0.0] if p in pads else HIDDEN
         d.mocap_pos[self._tray_mocap] = [tray[0], tray[1], 0.0]
+        d.mocap_pos[self._go_bar_mocap] = GO_BAR_POS if self._task.go_bar else HIDDEN
         d.qpos[self._drawer_qpos] = self._task.drawer_start(rng)
         start = rng.uniform([-0.05, -0.14, 0.16], [0.05, -0.08, 0.20])
         self._tcp_target = start
@@ -376,7 +380,7 @@ class TabletopEnv(dm_env.Environment):
         """What the task shows in this step's observation: the lamp, and (memory benchmark) the paint of
         objects and pads, which then also is what color_of / pad_color / target_color report."""
         m = self.model
-        m.geom_rgba[self._lamp_geom, :3] = self._task.lamp(self)
+        m.geom_rgba[self._lamp_geom, :3] = m.geom_rgba[self._go_bar_geom, :3] = self._task.lamp(self)
         if self._task.paint is None:
             return
         shown = self._task.paint(self)

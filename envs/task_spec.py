@@ -61,6 +61,7 @@ class Task:
     # this step, recomputed every step like the lamp; slots and pads it leaves out show scene.NEUTRAL.
     paint: Callable[["TabletopEnv"], dict[str, str]] | None = None
     target_on_pad: bool = False  # the target starts centred on the episode's pad
+    go_bar: bool = False  # the go bar on the table's front edge shows the lamp's colour (scene.GO_BAR_POS)
     chance: float | None = None  # memory tasks: success rate of a policy that cannot remember (stated, not fitted)
     control_of: str | None = None  # a control variant: the memory task whose information it shows at decision time
 

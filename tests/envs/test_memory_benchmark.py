@@ -98,7 +98,7 @@ def test_four_kinds_each_with_a_control_and_a_stated_chance():
         task, control = TASKS[name], TASKS[CONTROLS[name]]
         assert 0 < task.chance < 0.6 and control.chance is None and not control.memory
         # the same episodes, detector, expert and timing: only what is shown differs
-        for field in ("success", "expert", "max_steps", "choose", "lamp", "uses_pads", "target_on_pad"):
+        for field in ("success", "expert", "max_steps", "choose", "lamp", "uses_pads", "target_on_pad", "go_bar"):
             assert getattr(task, field) is getattr(control, field) or getattr(task, field) == getattr(control, field)
         assert task.paint is not control.paint
         for text in task.templates:
@@ -393,3 +393,40 @@ def test_a_jitter_at_the_pad_is_one_press(make_env):
     _drive(env, [p[0], p[1], RELEASE_Z + 0.02])
     _drive(env, [p[0], p[1], 0.02])
     assert env.task_state["failed"] == "pressed before the go light"
+
+
+def _geom_pixels(env, name, size=64):
+    seg = mujoco.Renderer(env.model, size, size)
+    try:
+        seg.enable_segmentation_rendering()
+        seg.update_scene(env.data, camera="front")
+        ids = seg.render()
+    finally:
+        seg.close()
+    return (ids[..., 0] == env.model.geom(name).id) & (ids[..., 1] == int(mujoco.mjtObj.mjOBJ_GEOM))
+
+
+@pytest.mark.parametrize("name", ["which_pad", "press_again_shown", "touch_order"])
+def test_the_go_bar_stays_in_view_and_turns_white_with_the_lamp(make_env, name):
+    """The lamp can be hidden behind the arm; the go bar on the table's front edge cannot."""
+    env = make_env(name, image_size=64, render=True)
+    seen = []
+
+    def check(env, ts):
+        mask = _geom_pixels(env, "go_bar")
+        go = bool(env.lamp_rgb().min() > 0.9)
+        rgb = ts.observation["image"][mask].mean(axis=0) / 255
+        seen.append((int(mask.sum()), go, float(rgb.min()), float(rgb.max())))
+
+    for seed in range(3):
+        _expert_episode(env, seed, on_step=check)
+    assert min(px for px, *_ in seen) >= 200  # a 58 x 5 pixel strip at 64 px, never covered
+    assert all(lo > 0.7 for _, go, lo, _ in seen if go) and all(hi < 0.3 for _, go, _, hi in seen if not go)
+    assert any(go for _, go, *_ in seen) and any(not go for _, go, *_ in seen)
+
+
+def test_other_tasks_keep_the_go_bar_under_the_table(make_env):
+    for name in ("lift", "cue_touch", "put_back"):
+        env = make_env(name, image_size=64, render=True)
+        env.reset(seed=0)
+        assert not _geom_pixels(env, "go_bar").any() and env.data.mocap_pos[env._go_bar_mocap][2] < 0
