@@ -46,7 +46,8 @@ class EpisodeRecord:
     # task's own record of what happened where it keeps one (tabletop: the target slot, the episode's other
     # choices (stack's base `other`, `pad`, `direction`, `cue`), the first object grasped (`first_grasped`)
     # and, for stateful checks, e.g. cue_touch's first touch: a slot name, or "invalid" = too early or two
-    # at once; put_back's `go_step` and final `distance_from_start` in metres).
+    # at once; put_back's `go_step` and final `distance_from_start` in metres; the memory benchmark's
+    # `failed` reason, `placed_on`, `first_press`, `touches`).
     outcome: str = ""
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -274,6 +275,8 @@ def _episode_details(env: Any) -> dict[str, Any]:
     for k, v in dict(getattr(env, "task_state", {}) or {}).items():
         if isinstance(v, (str, bool, int, float, np.generic)):
             details[k] = v.item() if isinstance(v, np.generic) else v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+            details[k] = list(v)  # e.g. touch_order's touches, in order
     return details
 
 

@@ -430,3 +430,15 @@ def test_other_tasks_keep_the_go_bar_under_the_table(make_env):
         env = make_env(name, image_size=64, render=True)
         env.reset(seed=0)
         assert not _geom_pixels(env, "go_bar").any() and env.data.mocap_pos[env._go_bar_mocap][2] < 0
+
+
+def test_eval_records_keep_the_benchmark_state(make_env):
+    from rollout.evaluate import _episode_details
+
+    env = make_env("touch_order")
+    _expert_episode(env, 3)
+    details = _episode_details(env)
+    assert details["touches"] == [env.target, env.episode.other] and details["other"] == env.episode.other
+    env = make_env("which_pad")
+    _expert_episode(env, 3)
+    assert _episode_details(env)["placed_on"] == env.episode.pad
