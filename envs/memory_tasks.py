@@ -2,9 +2,10 @@
 
 Perception is made easy so that the tasks measure memory: the cue is a whole object or pad painted in a
 vivid colour (scene.PAINT_RGB) on dark-grey (scene.NEUTRAL) objects and pads, and the go signal is the lamp
-and a bar along the table's front edge (scene.GO_BAR_POS, which the arm cannot hide) turning white. In a memory task the cue is gone before the decision: at the decision every object and pad
-looks alike, the arm has stood still (or held over the tray) for at least 6 steps, so neither the current
-frame nor a 6-frame window tells the answer. Each control shows the needed information at decision time
+and a bar along the table's front edge (scene.GO_BAR_POS, which the arm cannot hide) turning white. In a
+memory task the cue is gone before the decision: at the decision every object and pad looks alike, the
+arm has stood still (or held over the tray) for at least 6 steps, so neither the current frame nor a
+6-frame window tells the answer. Each control shows the needed information at decision time
 and is otherwise the same episode; a policy that fails a control fails its memory task for other reasons.
 
 | task (kind) | what must be carried | chance without memory |
