@@ -552,6 +552,9 @@ def test_ctrl_c_sends_the_hold_and_is_reraised():
     # A real SIGINT, landing wherever the loop is (waiting for the policy, between ticks, in the env).
     code = """
 import os, signal, threading, time, json
+# A child inherits an ignored SIGINT from its parent (an earlier test of the suite may leave it ignored in
+# pytest): restore Python's handler, as in a terminal, or the signal below does nothing.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np, envs
 from rollout.robot_loop import RobotLoop, hold_keep
 env = envs.make("tabletop", task="lift", seed=3, max_steps=10_000)
