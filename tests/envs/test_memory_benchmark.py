@@ -16,27 +16,11 @@ import pytest
 from envs.experts import make_expert
 from envs.memory_tasks import DONE, LIT, MEMORY_BENCHMARK, PRESS_Z, RELEASE_Z, pad_under
 from envs.scene import GO_STEP, MAX_DELTA, NEUTRAL, OBJECTS, PADS, PAINT_RGB
-from envs.tabletop import TabletopEnv
 from envs.task_spec import CUE_STEPS, HOLD_STEPS
 from envs.tasks import TASKS
 
 MEMORY = [n for n, t in MEMORY_BENCHMARK.items() if t.memory]
 CONTROLS = {t.control_of: n for n, t in MEMORY_BENCHMARK.items() if t.control_of}
-
-
-@pytest.fixture
-def make_env():
-    created = []
-
-    def _make(task: str, **kwargs):
-        kwargs.setdefault("render", False)
-        env = TabletopEnv(task, **kwargs)
-        created.append(env)
-        return env
-
-    yield _make
-    for env in created:
-        env.close()
 
 
 def _expert_episode(env, seed, noise=0.0, on_step=None, until=None):
@@ -207,14 +191,7 @@ def test_the_cue_is_visible_at_the_start(make_env, name):
            if v == LIT]
     assert len(lit) == 1
     # the lit geom renders red: mean colour of its pixels, from a segmentation render
-    seg = mujoco.Renderer(env.model, size, size)
-    try:
-        seg.enable_segmentation_rendering()
-        seg.update_scene(env.data, camera="front")
-        ids = seg.render()
-    finally:
-        seg.close()
-    mask = (ids[..., 0] == env.model.geom(lit[0]).id) & (ids[..., 1] == int(mujoco.mjtObj.mjOBJ_GEOM))
+    mask = _geom_pixels(env, lit[0], size)
     assert mask.sum() >= 4
     rgb = ts.observation["image"][mask].mean(axis=0)
     assert rgb[0] > 2 * rgb[1] and rgb[0] > 2 * rgb[2], rgb

@@ -23,21 +23,6 @@ ALL_TASKS = task_names()
 MEMORY_TASKS = [t for t in ALL_TASKS if TASKS[t].memory]
 
 
-@pytest.fixture
-def make_env():
-    created = []
-
-    def _make(task: str = "lift", **kwargs):
-        kwargs.setdefault("render", False)
-        env = TabletopEnv(task, **kwargs)
-        created.append(env)
-        return env
-
-    yield _make
-    for env in created:
-        env.close()
-
-
 def _rollout(env, seed, noise=0.0, on_step=None):
     expert = make_expert(env, noise=noise, seed=0)
     ts = env.reset(seed=seed)
