@@ -478,6 +478,10 @@ class TrainConfig:
     # because its vocabulary comes from the new dataset's sentencepiece model.
     init_from: str = ""
     init_modules: list[str] = field(default_factory=lambda: ["backbone", "token_learner", "image_pos"])
+    # Tensors of the listed modules that the source policy does not have start fresh instead of failing
+    # (e.g. the erase/add gates when a TL policy is fine-tuned as TL-AddErase-ours); training prints their
+    # names. Shapes that differ still fail.
+    init_allow_missing: bool = False
     # Keep the image tokenizer (backbone incl. FiLM and BatchNorm statistics, TokenLearner, image_pos) fixed.
     freeze_image_tokenizer: bool = False
     # Fine-tuning, explicit: reuse the source policy's sentencepiece model (then "text" may be listed in

@@ -175,9 +175,11 @@ def soft_targets(targets: torch.Tensor, bins: int, sigma: float) -> torch.Tensor
 IMAGE_TOKENIZER = ("backbone", "token_learner", "image_pos")
 
 
-def init_from_policy(model: torch.nn.Module, policy_dir: str | Path, modules: list[str]) -> int:
+def init_from_policy(model: torch.nn.Module, policy_dir: str | Path, modules: list[str],
+                     allow_missing: bool = False) -> tuple[int, list[str]]:
     """Copy the tensors of `modules` (top-level PolicyModel children / parameters) from a policy
-    directory's weights into `model`; returns how many tensors were copied."""
+    directory's weights into `model`; returns (how many tensors were copied, the names of those the source
+    lacks and that kept their fresh initialisation: only with allow_missing, else that is an error)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -197,9 +199,12 @@ def init_from_policy(model: torch.nn.Module, policy_dir: str | Path, modules: li
         raise ConfigError(f"train.init_modules: expected names from {list(MODULE_NAMES)}, got {unknown}")
     # A known module this config leaves out (image_pos with position_embedding false, as in the rt1
     # configs; proprio without use_proprio) has nothing to copy: the default list must work for them too.
-    copied = 0
+    copied, missing = 0, []
     for name in own:
         if name.split(".")[0] not in modules:
+            continue
+        if name not in source and allow_missing:
+            missing.append(name)
             continue
         if name not in source:
             raise ConfigError(f"train.init_from: {str(weights)!r} has no tensor {name!r} (a different architecture?)")
@@ -209,7 +214,7 @@ def init_from_policy(model: torch.nn.Module, policy_dir: str | Path, modules: li
         own[name] = source[name]
         copied += 1
     model.load_state_dict(own)
-    return copied
+    return copied, missing
 
 
 def keyframe_weights(actions: torch.Tensor, mask: torch.Tensor, weight: float, threshold: float) -> torch.Tensor:
@@ -435,7 +440,10 @@ class Trainer:
             model = PolicyModel(cfg.model, vocab_size=text.vocab_size, num_action_dims=data.action_dim,
                                 proprio_dim=data.proprio_dim)
         if t.init_from:
-            init_from_policy(model, t.init_from, list(t.init_modules))
+            _, fresh = init_from_policy(model, t.init_from, list(t.init_modules), t.init_allow_missing)
+            if fresh and self.info.is_main:
+                print(f"train.init_from: {len(fresh)} tensors not in {t.init_from} start fresh "
+                      f"(train.init_allow_missing): {', '.join(fresh)}", flush=True)
         self.frozen = [getattr(model, n) for n in IMAGE_TOKENIZER if getattr(model, n, None) is not None] \
             if t.freeze_image_tokenizer else []
         for part in self.frozen:

@@ -440,6 +440,30 @@ def test_fine_tune_with_the_default_modules_works_without_image_positions(tiny_d
     assert ft.steps == 1
 
 
+def test_fine_tune_into_another_memory_mode_only_with_init_allow_missing(tiny_data, tmp_path, capsys):
+    # A TL policy fine-tuned as TL-AddErase-ours: the erase/add gates do not exist in the source.
+    from safetensors.torch import load_file
+
+    from policy.config import ConfigError
+    from policy.train import Trainer
+
+    src = Trainer(cfg_of("train.steps=1"), tiny_data, tmp_path / "src", progress=False).run()
+    mods = "train.init_modules=[backbone,token_learner,image_pos,controller,head]"
+    new = ["model.controller.memory_mode=TL-AddErase-ours", f"train.init_from={src.policy_dir}", mods]
+    with pytest.raises(ConfigError, match=r"has no tensor 'controller\.erase\.weight'"):
+        Trainer(cfg_of("train.steps=1", *new), tiny_data, tmp_path / "strict", progress=False)
+    t = Trainer(cfg_of("train.steps=1", *new, "train.init_allow_missing=true"), tiny_data, tmp_path / "ft",
+                progress=False)
+    out = capsys.readouterr().out
+    assert "4 tensors not in" in out and "controller.erase.weight" in out and "controller.add.bias" in out
+    source = load_file(str(Path(src.policy_dir) / "model.safetensors"))
+    own = t.model.state_dict()
+    for name in source:
+        if name.split(".")[0] in ("backbone", "controller", "head"):
+            assert torch.equal(own[name], source[name]), name
+    assert t.model.controller.erase.bias.eq(-3.0).all()  # fresh, with its configured erase_bias
+
+
 def test_keyframe_weights_mark_action_changes_and_weigh_the_loss():
     from policy.train import keyframe_weights, sequence_loss
 
