@@ -32,6 +32,7 @@ WINDOW = 4  # T > WINDOW: RT-1's sliding windows and its full cache are exercise
 OPTIONS = [
     ("ttm", {"memory_mode": "TL-MHA"}),
     ("ttm", {"memory_mode": "TL-AddErase"}),
+    ("ttm", {"memory_mode": "TL-AddErase-ours"}),  # the carried-memory recipe's write (docs/RESULTS.md 3f)
     ("rt1", {"feed_forward": "mlp", "width": 24, "key_dim": 8, "window": 1}),
     ("causal_transformer", {"feed_forward": "dense", "key_dim": 4, "use_position_embedding": False}),
     ("lstm", {"width": 12, "layers": 1}),

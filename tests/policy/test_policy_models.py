@@ -154,7 +154,19 @@ def test_text_encoder_ignores_padding_and_supports_embeddings():
 
 # --- Full policy -------------------------------------------------------------------------------
 
-def test_stepwise_inference_equals_training_unroll(model):
+@pytest.fixture(params=["default", "carried TL-AddErase-ours"])
+def policy_model(request) -> PolicyModel:
+    """The default model, and the carried-memory recipe of docs/RESULTS.md 3f (memory horizon 0)."""
+    if request.param == "default":
+        m = make_model()
+    else:
+        m = make_model(ModelConfig(controller=ControllerConfig(memory_mode="TL-AddErase-ours", memory_horizon=0)))
+    randomise_film(m)
+    return m.eval()
+
+
+def test_stepwise_inference_equals_training_unroll(policy_model):
+    model = policy_model
     images, ids, mask, proprio = inputs(2, 6)
     with torch.no_grad():
         context = model.encode_instruction(ids, mask)
