@@ -203,11 +203,12 @@ def init_from_policy(model: torch.nn.Module, policy_dir: str | Path, modules: li
     for name in own:
         if name.split(".")[0] not in modules:
             continue
-        if name not in source and allow_missing:
+        if name not in source:
+            if not allow_missing:
+                raise ConfigError(f"train.init_from: {str(weights)!r} has no tensor {name!r} "
+                                  "(a different architecture? train.init_allow_missing starts such tensors fresh)")
             missing.append(name)
             continue
-        if name not in source:
-            raise ConfigError(f"train.init_from: {str(weights)!r} has no tensor {name!r} (a different architecture?)")
         if source[name].shape != own[name].shape:
             raise ConfigError(f"train.init_from: tensor {name!r}: expected shape {tuple(own[name].shape)} "
                               f"(this config), got {tuple(source[name].shape)} in {str(weights)!r}")
