@@ -35,6 +35,7 @@ def _require(cond: bool, field_name: str, expected: str, got: Any) -> None:
 
 # ttm read/write: the reference's (scenic token_turing) modes, our variants of two of them, and the
 # reference's TokenTuringMachineSimpleUnit (policy/controllers/ttm.py).
+ADD_ERASE_UPDATES = ("additive", "convex", "tanh")  # model.controller.add_erase_update (TL-AddErase-ours)
 MEMORY_MODES = ("TL", "TL-MHA", "TL-AddErase", "TL-MHA-ours", "TL-AddErase-ours", "simple")
 PROCESS_UNITS = ("transformer", "mixer", "mlp")  # ttm process unit
 TTM_INITS = ("reference", "torch")  # ttm parameter initialisation
@@ -289,6 +290,13 @@ class ControllerConfig:
     # At initialisation a step-0 cue then outlasts 12 identical steps (measured 7-12x its step-0
     # difference kept, 0.25-0.45x at bias 0; tests/test_controllers.py).
     erase_bias: float = -3.0
+    # TL-AddErase-ours: how the erase gate e = sigmoid(W_e c) and the add vector combine.
+    # "additive": M' = M * (1 - e) + W_a c. Unbounded: past the episode lengths it was trained on the
+    # memory grows ~10x per 25 steps (docs/RESULTS.md 3f). "convex": M' = (1 - e) * M + e * W_a LN(c),
+    # a per-element convex mix (as a GRU's update gate), so |M'| never exceeds max(|M|, |W_a LN(c)|):
+    # bounded over any episode length. "tanh": M' = tanh(M * (1 - e) + W_a c), additive near zero and
+    # bounded by 1. Measured on which_object (docs/RESULTS.md 3f): additive 98%, convex 26-28%.
+    add_erase_update: str = "additive"
     process_unit: str = "transformer"  # transformer | mixer | mlp (ttm), built as the reference builds them
     # ttm "mlp" unit: false = the reference's LayerNorm -> MLP per layer without a residual; true = ours,
     # x + MLP(LayerNorm(x)).
@@ -786,6 +794,8 @@ def _require_controller(cfg: ControllerConfig, name: str, ok: bool, expected: st
 def _check_ttm(cfg: ControllerConfig, dim: int) -> None:
     _require_controller(cfg, "mlp_dim", cfg.mlp_dim >= 1, ">= 1")
     _require_controller(cfg, "erase_bias", math.isfinite(cfg.erase_bias), "a finite number")
+    _require_controller(cfg, "add_erase_update", cfg.add_erase_update in ADD_ERASE_UPDATES,
+                        f"one of {list(ADD_ERASE_UPDATES)}")
     _require_controller(cfg, "init", cfg.init in TTM_INITS, f"one of {list(TTM_INITS)}")
     _require_controller(cfg, "mixer_token_mlp_dim", cfg.mixer_token_mlp_dim >= 0, ">= 0 (0 = mlp_dim)")
     if cfg.process_unit == "transformer" or cfg.memory_mode == "TL-MHA-ours":

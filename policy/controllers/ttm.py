@@ -21,7 +21,9 @@ the reference's (TokenTuringMachineUnit / TokenTuringMachineSimpleUnit); "-ours"
                       it with rate 0), no position embedding (the reference's write embedding is unused).
     TL-MHA-ours       TL-MHA with a LayerNorm before the attention, `heads` heads and attention dropout.
     TL-AddErase-ours  TokenLearner write over [M ; I ; O]; the result c per slot becomes one sigmoid erase
-                      gate and one add vector: M' = M * (1 - sigmoid(W_e c)) + W_a c (`erase_bias`).
+                      gate e = sigmoid(W_e c) (`erase_bias`) and one add vector (`add_erase_update`):
+                      "additive" M' = M * (1 - e) + W_a c; "convex" M' = (1 - e) * M + e * W_a LN(c)
+                      and "tanh" M' = tanh(M * (1 - e) + W_a c), both bounded over any episode length.
     simple            TokenTuringMachineSimpleUnit: TokenLearner reduces I alone to r tokens; the process
                       unit runs over [M ; I_r] (m + r tokens); its first r outputs are the step's output,
                       the other m the new memory.
@@ -249,6 +251,10 @@ class TokenTuringMachine(nn.Module):
         ours_add_erase = mode == "TL-AddErase-ours"
         self.erase = nn.Linear(dim, dim) if ours_add_erase else None
         self.add = nn.Linear(dim, dim) if ours_add_erase else None
+        # "convex": the add vector comes from a layer-normalised c and is mixed in by the erase gate.
+        convex = ours_add_erase and cfg.add_erase_update == "convex"
+        self.convex_norm = nn.LayerNorm(dim, eps=_LN_EPS) if convex else None
+        self.squash = ours_add_erase and cfg.add_erase_update == "tanh"
         self.add_erase = AddEraseWrite(dim, r) if mode == "TL-AddErase" else None
         if cfg.init == "reference":
             reference_init_(self)
@@ -284,7 +290,13 @@ class TokenTuringMachine(nn.Module):
             assert self.write is not None
             new_memory, write_w = _select(self.write, write_in, return_attention)
         if self.erase is not None:
-            new_memory = memory * (1 - torch.sigmoid(self.erase(new_memory))) + self.add(new_memory)
+            erase = torch.sigmoid(self.erase(new_memory))
+            if self.convex_norm is not None:  # bounded by max(|M|, |W_a LN(c)|) per element
+                new_memory = torch.lerp(memory, self.add(self.convex_norm(new_memory)), erase)
+            else:
+                new_memory = memory * (1 - erase) + self.add(new_memory)
+                if self.squash:
+                    new_memory = torch.tanh(new_memory)
         if return_attention:
             return out, new_memory, {"read": read_w, "write": write_w}
         return out, new_memory

@@ -5,6 +5,7 @@ size; every controller through PolicyModel and PolicyRunner; `bench model`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,6 +34,8 @@ OPTIONS = [
     ("ttm", {"memory_mode": "TL-MHA"}),
     ("ttm", {"memory_mode": "TL-AddErase"}),
     ("ttm", {"memory_mode": "TL-AddErase-ours"}),  # the carried-memory recipe's write (docs/RESULTS.md 3f)
+    ("ttm", {"memory_mode": "TL-AddErase-ours", "add_erase_update": "convex"}),
+    ("ttm", {"memory_mode": "TL-AddErase-ours", "add_erase_update": "tanh"}),
     ("rt1", {"feed_forward": "mlp", "width": 24, "key_dim": 8, "window": 1}),
     ("causal_transformer", {"feed_forward": "dense", "key_dim": 4, "use_position_embedding": False}),
     ("lstm", {"width": 12, "layers": 1}),
@@ -163,6 +166,7 @@ def test_gradients_reach_every_parameter(kind, overrides):
     ("lstm", "read_tokens", 0),
     ("ttm", "memory_mode", "LSTM"),
     ("ttm", "erase_bias", float("inf")),
+    ("ttm", "add_erase_update", "gated"),
 ])
 def test_bad_config_raises_config_error_naming_the_field(kind, field, value):
     overrides = {} if value is None else {field: value}
@@ -496,6 +500,44 @@ def _cue_retention(erase_bias: float, seed: int) -> float:
             _, m2 = ttm.step(y[:, t], m2)
             diffs.append(float((m1 - m2).norm()))
     return diffs[12] / diffs[0]
+
+
+def _add_vector_bound(ttm: TokenTuringMachine) -> torch.Tensor:
+    """Per channel, the largest |W_a LN(c) + b| can be for any c: |LN(c)_j| <= |gamma_j| sqrt(D - 1) + |beta_j|."""
+    ln, add = ttm.convex_norm, ttm.add
+    ln_max = ln.weight.abs() * math.sqrt(ttm.dim - 1) + ln.bias.abs()
+    return add.weight.abs() @ ln_max + add.bias.abs()
+
+
+@pytest.mark.parametrize("update", ["additive", "convex", "tanh"])
+def test_add_erase_bounded_updates_keep_the_memory_bounded_over_long_episodes(update):
+    """TL-AddErase-ours with add_erase_update "convex" mixes W_a LN(c) into the memory through the erase
+    gate, so the memory never leaves the add vector's range; "tanh" squashes M (1 - e) + W_a c into
+    [-1, 1]. Both hold however long the episode and however large the weights and inputs. "additive"
+    (M (1 - e) + W_a c) with the same weights leaves the convex bound (measured growth ~10x per 25
+    steps on real frames, docs/RESULTS.md 3f)."""
+    torch.manual_seed(0)
+    cfg = ControllerConfig(memory_mode="TL-AddErase-ours", add_erase_update=update, init="torch",
+                           memory_tokens=4, read_tokens=2, layers=1, heads=2, mlp_dim=32)
+    ttm = TokenTuringMachine(cfg, D, N).eval()
+    with torch.no_grad():
+        if update == "additive":  # the convex bound of the same weights
+            torch.manual_seed(0)
+            ttm.convex_norm = torch.nn.LayerNorm(D)
+        for p in ttm.parameters():
+            p.mul_(3.0)  # weights far from initialisation
+        bound = _add_vector_bound(ttm) if update != "tanh" else torch.ones(D)
+        if update == "additive":
+            ttm.convex_norm = None
+        memory, peak = ttm.init_memory(B), torch.zeros(D)
+        x = 10 * torch.randn(B, 2000, N, D, generator=torch.Generator().manual_seed(0))
+        for t in range(x.shape[1]):
+            _, memory = ttm.step(x[:, t], memory)
+            peak = torch.maximum(peak, memory.abs().amax((0, 1)))
+    if update == "additive":
+        assert not (peak <= bound).all()
+    else:
+        assert torch.isfinite(peak).all() and (peak <= bound * (1 + 1e-5)).all(), (peak - bound).max()
 
 
 def test_add_erase_memory_keeps_a_step_zero_cue_at_initialisation():
