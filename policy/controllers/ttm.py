@@ -251,10 +251,9 @@ class TokenTuringMachine(nn.Module):
         ours_add_erase = mode == "TL-AddErase-ours"
         self.erase = nn.Linear(dim, dim) if ours_add_erase else None
         self.add = nn.Linear(dim, dim) if ours_add_erase else None
+        self.add_erase_update = cfg.add_erase_update if ours_add_erase else None
         # "convex": the add vector comes from a layer-normalised c and is mixed in by the erase gate.
-        convex = ours_add_erase and cfg.add_erase_update == "convex"
-        self.convex_norm = nn.LayerNorm(dim, eps=_LN_EPS) if convex else None
-        self.squash = ours_add_erase and cfg.add_erase_update == "tanh"
+        self.convex_norm = nn.LayerNorm(dim, eps=_LN_EPS) if self.add_erase_update == "convex" else None
         self.add_erase = AddEraseWrite(dim, r) if mode == "TL-AddErase" else None
         if cfg.init == "reference":
             reference_init_(self)
@@ -291,11 +290,11 @@ class TokenTuringMachine(nn.Module):
             new_memory, write_w = _select(self.write, write_in, return_attention)
         if self.erase is not None:
             erase = torch.sigmoid(self.erase(new_memory))
-            if self.convex_norm is not None:  # bounded by max(|M|, |W_a LN(c)|) per element
+            if self.add_erase_update == "convex":  # bounded by max(|M|, |W_a LN(c)|) per element
                 new_memory = torch.lerp(memory, self.add(self.convex_norm(new_memory)), erase)
             else:
                 new_memory = memory * (1 - erase) + self.add(new_memory)
-                if self.squash:
+                if self.add_erase_update == "tanh":
                     new_memory = torch.tanh(new_memory)
         if return_attention:
             return out, new_memory, {"read": read_w, "write": write_w}
