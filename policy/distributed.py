@@ -125,3 +125,115 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# -- a process group on this machine, started from Python -------------------------------------------------
+# On a CPU, one process per core with one torch thread each trains faster than one process with a thread per
+# core: the quickstart's small convolutions and attention parallelise badly over threads (2 threads: 1.12x
+# one thread's frames/s; 2 processes: 2.0x; docs/RESULTS.md section 4). `train.processes` starts such a
+# group itself, as `torchrun --standalone --nproc_per_node N` would, so the demo and `train` need no launcher.
+LOCAL_GROUP_ENV = "POLICY_STACK_LOCAL_GROUP"  # set in the group's processes: they must not start another
+
+
+def in_launched_group() -> bool:
+    """True inside a process group started by torchrun or by run_local_group."""
+    return _env_int("WORLD_SIZE", 1) > 1 or os.environ.get(LOCAL_GROUP_ENV) == "1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_KEPT: list = []
+
+
+def keep_until_exit(obj) -> None:
+    """In a run_local_group member: hold `obj` (a Trainer) until the process ends. Members end with
+    os._exit, so its tf.data iterator is never destroyed: that destructor waited forever for the input
+    pipeline's threads at the end of a demo-sized run (both members hung after their last step)."""
+    if os.environ.get(LOCAL_GROUP_ENV) == "1":
+        _KEPT.append(obj)
+
+
+def _group_member(rank: int, fn, args: tuple, world: int, port: int, threads: int, results) -> None:
+    import sys
+    import traceback
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       LOCAL_GROUP_ENV: "1"})
+    torch.set_num_threads(threads)
+    code = 0
+    try:
+        value = fn(*args)
+        if rank == 0:
+            results.put(("result", 0, value))
+    except Exception as exc:
+        # The parent re-raises the member's own exception (a ConfigError stays a ConfigError with its
+        # message; the member's traceback rides along as a note), and ends the other members.
+        import pickle
+
+        exc.add_note(f"in train.processes member {rank}:\n" + traceback.format_exc())
+        try:
+            pickle.loads(pickle.dumps(exc))
+            results.put(("error", rank, exc))
+        except Exception:
+            results.put(("error", rank, RuntimeError(f"{type(exc).__name__}: {exc}")))
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no interpreter teardown (see keep_until_exit)
+
+
+def run_local_group(fn, args: tuple, processes: int, threads: int = 0):
+    """Run fn(*args) in `processes` new processes on this machine that form one gloo process group
+    (RANK 0..processes-1); return rank 0's return value. The first member that fails ends the others and
+    its exception is raised here; Ctrl-C ends them all. `threads`: torch threads per member (0 = this
+    machine's cores shared out evenly). fn and args must pickle (the members are spawned)."""
+    import torch.multiprocessing as mp
+
+    if processes < 1:
+        raise ValueError(f"train.processes: expected >= 1, got {processes}")
+    if in_launched_group():
+        raise ValueError(f"train.processes: expected 1 inside a process group that is already running (torchrun "
+                         f"or train.processes; WORLD_SIZE={os.environ.get('WORLD_SIZE')}), got {processes}")
+    threads = threads or max(1, (os.cpu_count() or 1) // processes)
+    results = mp.get_context("spawn").SimpleQueue()
+    group = mp.start_processes(_group_member, args=(fn, args, processes, _free_port(), threads, results),
+                               nprocs=processes, join=False, start_method="spawn")
+    failure: BaseException | None = None
+    got = []
+    try:
+        # drain while waiting: a result larger than the pipe's buffer blocks its sender until it is read
+        while True:
+            while not results.empty():
+                got.append(results.get())
+            if group.join(timeout=0.5):
+                break
+    except mp.ProcessExitedException as exc:
+        how = (f"was killed by {exc.signal_name} (out of memory? try fewer processes or a smaller "
+               "train.batch_size)") if exc.signal_name else f"ended with exit code {exc.exit_code}"
+        failure = RuntimeError(f"train.processes: process {exc.error_index} of {processes} {how}")
+    finally:
+        for p in group.processes:  # Ctrl-C or a failure: nobody is left behind
+            if p.is_alive():
+                p.terminate()
+        for p in group.processes:
+            p.join()
+    while not results.empty():
+        got.append(results.get())
+    for kind, _, payload in got:
+        if kind == "error":  # the member's own exception first: it says what went wrong
+            raise payload from None
+    if failure is not None:
+        raise failure from None
+    for kind, _, payload in got:
+        if kind == "result":
+            return payload
+    raise RuntimeError(f"train.processes: the group of {processes} ended without rank 0's result")

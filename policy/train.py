@@ -35,8 +35,8 @@ from datasets.augment import random_shift
 from policy import checkpoint as ckpt
 from policy.action_tokenizer import ActionTokenizer, action_tokenizer_from_dict
 from policy.config import ConfigError, ExperimentConfig, config_to_dict
-from policy.distributed import (DistInfo, barrier, init_distributed, mean_over_ranks, shutdown, sync_buffers,
-                                wrap_model)
+from policy.distributed import (DistInfo, barrier, in_launched_group, init_distributed, keep_until_exit,
+                                mean_over_ranks, run_local_group, shutdown, sync_buffers, wrap_model)
 from policy.language import TextTokenizer
 from policy.policy_dir import (InputSpec, describe_non_finite, non_finite_tensors, read_spec_and_stats,
                                save_policy_dir)
@@ -112,7 +112,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _why_fixed_on_resume(key: str) -> str:
-    if key.startswith("data.") or key in ("train.batch_size", "train.grad_accum", "train.seed"):
+    if key.startswith("data.") or key in ("train.batch_size", "train.grad_accum", "train.seed", "train.processes"):
         return ("it changes the data stream, and resume skips the micro-batches the run consumed from its own "
                 "stream, so the run would not continue where it stopped")
     if key in ("train.lr", "train.weight_decay", "train.optimizer"):
@@ -358,6 +358,10 @@ class Trainer:
         self.evaluator = evaluator
         self.info = info or init_distributed(cfg.train.device)
         t = cfg.train
+        if t.processes > 1 and self.info.world_size != t.processes:
+            raise ConfigError(f"train.processes: expected the group of {t.processes} processes that train() starts "
+                              f"(or 1 under torchrun, which starts its own), this process is one of "
+                              f"{self.info.world_size}")
         if resume:
             meta = ckpt.read_run_meta(self.out_dir)
             check_resume_config(cfg, meta, data_path, self.out_dir)
@@ -716,8 +720,13 @@ class Trainer:
 def train(cfg: ExperimentConfig, data_path: str | Path | None, out_dir: str | Path, progress: bool = True,
           resume: bool = False, evaluator: Evaluator | None = None) -> TrainResult:
     """Train (or with resume=True continue the run in out_dir from its newest checkpoint) to cfg.train.steps.
-    `evaluator`: evaluation in the loop (needed when train.eval_every > 0)."""
+    `evaluator`: evaluation in the loop (needed when train.eval_every > 0). With train.processes > 1 the
+    training runs in that many new processes (one gloo group) and rank 0's result comes back."""
+    if cfg.train.processes > 1 and not in_launched_group():
+        return run_local_group(train, (cfg, data_path, out_dir, progress, resume, evaluator), cfg.train.processes,
+                               cfg.train.num_threads)
     trainer = Trainer(cfg, data_path, out_dir, progress=progress, resume=resume, evaluator=evaluator)
+    keep_until_exit(trainer)
     try:
         return trainer.run()
     finally:

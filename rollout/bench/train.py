@@ -9,6 +9,9 @@ Arithmetic rate: the FLOPs of one training step (3x its forward pass, counted by
 torch.utils.flop_counter: convolutions and matrix products, not elementwise work) over the median step
 time, beside the rate of a 1024x1024 float32 matmul measured in the same run on
 the same threads: their ratio is the share of the machine's dense arithmetic rate training reaches.
+With train.processes = N the N processes train together (one gloo group, each its share of the batch):
+samples/s and FLOPs are the group's, the reference the N processes' matmuls run at the same time.
+--profile N: where the time goes, by operator (torch.profiler), for N more steps.
 """
 from __future__ import annotations
 
@@ -80,17 +83,43 @@ def step_flops(trainer) -> tuple[int, int]:
     return 3 * int(counter.get_total_flops()), int(batch["mask"].sum())
 
 
+def profile_steps(trainer, steps: int, top: int = 15) -> dict:
+    """Run `steps` more training steps under torch.profiler: the operators that take the most self CPU
+    time (their share of the steps' wall time), and what no operator accounts for (Python between the
+    operators, the data wait, the trainer's own work). Self times add up without double counting."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    in_ops = sum(e.self_cpu_time_total for e in events)
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    return {
+        "steps": steps, "seconds_per_step": round(wall_us / steps / 1e6, 5),
+        "operators": [{"name": e.key, "share": round(e.self_cpu_time_total / wall_us, 4), "calls_per_step":
+                       round(e.count / steps, 1)} for e in ranked[:top]],
+        "other_operators_share": round(sum(e.self_cpu_time_total for e in ranked[top:]) / wall_us, 4),
+        # Time spent in operators on other threads (DDP's reducer) also counts, so this can go below 0.
+        "outside_operators_share": round(1 - in_ops / wall_us, 4),
+    }
+
+
 def bench_train(config: str, data: str | None, steps: int, overrides: list[str] | None = None,
-                warmup: int = WARMUP_STEPS) -> dict:
+                warmup: int = WARMUP_STEPS, profile: int = 0) -> dict:
     import torch
 
     from policy.config import load_config
+    from policy.distributed import (barrier, in_launched_group, keep_until_exit, mean_over_ranks, run_local_group,
+                                    shutdown)
     from policy.train import Trainer
 
     if steps < 1:
         raise ValueError(f"--steps: expected >= 1 timed steps, got {steps}")
     # The timed steps never reach the schedule's end; checkpoints and evaluation are off.
-    base = [f"train.steps={steps + warmup}", "train.save_every=0", "train.eval_every=0"]
+    base = [f"train.steps={steps + warmup + profile}", "train.save_every=0", "train.eval_every=0"]
     cfg = load_config(config, base + list(overrides or []))
     data_label = str(data) if data else "generated: tabletop reach+lift, 4 episodes each"
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
@@ -98,7 +127,13 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
             from datasets.collect import collect
 
             data = str(collect("tabletop", ["reach", "lift"], 4, Path(tmp) / "data", workers=1, progress=False).path)
+        if cfg.train.processes > 1 and not in_launched_group():
+            # the group times itself; rank 0 reports for all (the data stays in this process's temp dir)
+            res = run_local_group(bench_train, (config, data, steps, overrides, warmup, profile), cfg.train.processes,
+                                  cfg.train.num_threads)
+            return {**res, "data": data_label}
         trainer = Trainer(cfg, data, Path(tmp) / "run", progress=False)
+        keep_until_exit(trainer)
         dev = trainer.info.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -118,15 +153,23 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
         arr = np.array(rows)
         med = np.median(arr, axis=0)
         per_step = float(arr[:, 0].sum())
+        world = trainer.info.world_size
+        # A process group: every member ran its share of each step, so the step's work is world x this
+        # member's; the reference is the members' matmuls run at the same time, summed.
+        flops *= world
+        frames *= world
         achieved = flops / float(med[0]) / 1e9
-        reference = matmul_gflops(dev)
+        barrier(trainer.info)
+        reference = float(mean_over_ranks(torch.tensor([matmul_gflops(dev)]), trainer.info)[0]) * world
+        profiled = profile_steps(trainer, profile) if profile else None  # rank 0's view in a group
+        shutdown(trainer.info)
         return {
             "config": str(config), "overrides": list(overrides or []), "data": data_label,
             "device": str(dev), "world_size": trainer.info.world_size,
             "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
             "autocast": cfg.train.autocast, "compile": cfg.train.compile,
-            "threads": torch.get_num_threads(), "timed_steps": steps, "warmup_steps": warmup,
-            "samples_per_second": round(float(arr[:, 5].sum()) / per_step, 2),
+            "threads_per_process": torch.get_num_threads(), "timed_steps": steps, "warmup_steps": warmup,
+            "samples_per_second": round(world * float(arr[:, 5].sum()) / per_step, 2),
             "first_step_seconds": round(first_step_s, 3),
             "seconds_per_step": {"total": round(float(med[0]), 5), "data_wait": round(float(med[1]), 5),
                                  "forward": round(float(med[2]), 5), "backward": round(float(med[3]), 5),
@@ -136,6 +179,7 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
             "fraction_of_matmul_rate": round(achieved / reference, 3),
             "peak_memory": _peak_memory(dev),
             "parameters": sum(p.numel() for p in trainer.model.parameters()),
+            **({"profile": profiled} if profiled else {}),
         }
 
 
@@ -144,12 +188,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="RLDS dataset directory (default: a tiny tabletop dataset collected into a temp dir)")
     A.add_steps(p, 20, f"timed training steps (after {WARMUP_STEPS} untimed warm-up steps)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then profile N more steps with torch.profiler: the top operators by self CPU time and "
+                        "the share of the step outside any operator (default 0: off)")
     A.add_overrides(p)
     A.add_json(p)
 
 
 def run(a: argparse.Namespace) -> dict:
-    res = bench_train(str(A.config_path(a)), a.data, a.steps, overrides=a.overrides)
+    if a.profile < 0:
+        raise ValueError(f"--profile: expected 0 (off) or a number of steps >= 1, got {a.profile}")
+    res = bench_train(str(A.config_path(a)), a.data, a.steps, overrides=a.overrides, profile=a.profile)
     print(json.dumps(res, indent=2))
     return res
 

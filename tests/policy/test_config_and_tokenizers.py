@@ -56,6 +56,11 @@ def test_bad_values_name_the_field(override, field):
     (["train.log_every=0"], r"train\.log_every: expected >= 1 steps, got 0"),
     (["data.shuffle_buffer=0"], r"data\.shuffle_buffer: expected >= 1 episodes, got 0"),
     (["train.num_threads=-2"], r"train\.num_threads: expected >= 0"),
+    (["train.processes=0"], r"train\.processes: expected >= 1, got 0"),
+    (["train.processes=2", "train.device=cuda"], r"train\.processes: expected 1 with train\.device 'cuda' \(one "
+     r"process per GPU: start them with torchrun\), got 2"),
+    (["train.processes=3"], r"train\.batch_size: expected a multiple of train\.processes x train\.grad_accum "
+     r"\(3 x 1\), got 64"),
     (["train.weight_decay=-0.1"], r"train\.weight_decay: expected >= 0, got -0\.1"),
     (["data.mixture=[{path: a}, {path: b, weight: .inf}]"], r"data\.mixture\[1\]\.weight: expected a finite number, got inf"),
     (["data.mixture=[{path: a, weight: .nan}]"], r"data\.mixture\[0\]\.weight: expected a finite number, got nan"),

@@ -123,22 +123,62 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_two_process_gloo_torchrun_ends_with_identical_weights(tiny_data, tmp_path):
-    # Global batch 8 = 2 ranks x 2 accumulated micro-batches x 2 (DDP's no_sync path included).
-    out = tmp_path / "ddp"
+# Global batch 8 = 2 ranks x 2 accumulated micro-batches x 2 (DDP's no_sync path included).
+DDP_OVERRIDES = ["train.steps=3", "train.batch_size=8", "train.grad_accum=2", "train.num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tiny_data, tmp_path_factory) -> Path:
+    """A 2-process gloo run started by torchrun (the multi-GPU launcher, here on CPU)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    out = tmp / "ddp"
     out.mkdir()
-    script = tmp_path / "ddp.py"
+    script = tmp / "ddp.py"
     script.write_text(DDP_SCRIPT.format(root=str(ROOT), config=str(CONFIG), data=tiny_data, out=str(out),
-                                        overrides=TINY + ["train.steps=3", "train.batch_size=8",
-                                                                    "train.grad_accum=2"]))
+                                        overrides=TINY + DDP_OVERRIDES))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                            str(script)], env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_process_gloo_torchrun_ends_with_identical_weights(torchrun_run):
+    out = torchrun_run
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     assert_same(r0["model"], r1["model"])
     assert not torch.equal(r0["first_actions"], r1["first_actions"])  # each rank reads its own shard
     assert (out / "policy" / "model.safetensors").is_file()
+
+
+def test_train_processes_starts_the_group_torchrun_would(tiny_data, torchrun_run, tmp_path):
+    from policy.train import train
+
+    # train.processes=2 from one Python call: the same 2-rank training as torchrun's, weight for weight.
+    res = train(cfg_of(*DDP_OVERRIDES, "train.processes=2"), tiny_data, tmp_path / "group", progress=False)
+    assert res.world_size == 2 and res.steps == 3 and res.policy_dir == str(tmp_path / "group" / "policy")
+    assert json.loads((tmp_path / "group" / "train_result.json").read_text())["world_size"] == 2
+    assert_same(load_file(str(tmp_path / "group" / "policy" / "model.safetensors")),
+                load_file(str(torchrun_run / "policy" / "model.safetensors")))
+
+
+def test_train_processes_raises_the_members_own_error(tmp_path):
+    from policy.config import ConfigError
+    from policy.train import train
+
+    # A member's failure comes back as its own exception (the CLI prints its message), nothing is left running.
+    with pytest.raises(ValueError, match=r"expected an RLDS dataset directory|does not exist|no such") as one:
+        train(cfg_of(), str(tmp_path / "missing"), tmp_path / "one", progress=False)
+    with pytest.raises(type(one.value), match=re.escape(str(one.value))):
+        train(cfg_of("train.processes=2"), str(tmp_path / "missing"), tmp_path / "two", progress=False)
+    import multiprocessing
+
+    assert not multiprocessing.active_children()
+    # A Trainer made by hand is one process: the group is train()'s to start.
+    from policy.train import Trainer
+
+    with pytest.raises(ConfigError, match=r"train\.processes: expected the group of 2 processes that train\(\) starts"):
+        Trainer(cfg_of("train.processes=2"), str(tmp_path / "missing"), tmp_path / "three", progress=False)
 
 
 @pytest.mark.parametrize("keyframes", [[], ["data.sequence=window", "data.sequence_length=3",
@@ -403,6 +443,7 @@ def test_resume_refuses_what_it_cannot_honour_and_records_the_new_step_count(tin
         (["train.batch_size=8"], rf"train\.batch_size cannot change on resume {why_data}"),
         (["train.grad_accum=2"], rf"train\.grad_accum cannot change on resume {why_data}"),
         (["train.seed=1"], rf"train\.seed cannot change on resume {why_data}"),
+        (["train.processes=2"], rf"train\.processes cannot change on resume {why_data}"),
         (["data.shuffle_buffer=8"], rf"data\.shuffle_buffer cannot change on resume {why_data}"),
         (["--data", reach_data], rf"--data '{reach_data}': expected none or the run's dataset \('{tiny_data}'\)"),
         (["model.controller.layers=2"], r"model\.controller\.layers cannot change on resume \(the checkpoint's weights"),
