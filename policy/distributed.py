@@ -159,7 +159,17 @@ def keep_until_exit(obj) -> None:
         _KEPT.append(obj)
 
 
-def _group_member(rank: int, fn, args: tuple, world: int, port: int, threads: int, results) -> None:
+def _report(out_dir: str, rank: int, kind: str, payload) -> None:
+    """A member's outcome, as a pickle in the group's directory (renamed into place: never half-read)."""
+    import pickle
+
+    tmp = os.path.join(out_dir, f".rank{rank}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump((kind, payload), f)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.pkl"))
+
+
+def _group_member(rank: int, fn, args: tuple, world: int, port: int, threads: int, out_dir: str) -> None:
     import sys
     import traceback
 
@@ -171,18 +181,15 @@ def _group_member(rank: int, fn, args: tuple, world: int, port: int, threads: in
     try:
         value = fn(*args)
         if rank == 0:
-            results.put(("result", 0, value))
+            _report(out_dir, rank, "result", value)
     except Exception as exc:
         # The parent re-raises the member's own exception (a ConfigError stays a ConfigError with its
         # message; the member's traceback rides along as a note), and ends the other members.
-        import pickle
-
         exc.add_note(f"in train.processes member {rank}:\n" + traceback.format_exc())
         try:
-            pickle.loads(pickle.dumps(exc))
-            results.put(("error", rank, exc))
-        except Exception:
-            results.put(("error", rank, RuntimeError(f"{type(exc).__name__}: {exc}")))
+            _report(out_dir, rank, "error", exc)
+        except Exception:  # an exception that does not pickle
+            _report(out_dir, rank, "error", RuntimeError(f"{type(exc).__name__}: {exc}"))
         code = 1
     except KeyboardInterrupt:
         code = 130
@@ -196,6 +203,9 @@ def run_local_group(fn, args: tuple, processes: int, threads: int = 0):
     (RANK 0..processes-1); return rank 0's return value. The first member that fails ends the others and
     its exception is raised here; Ctrl-C ends them all. `threads`: torch threads per member (0 = this
     machine's cores shared out evenly). fn and args must pickle (the members are spawned)."""
+    import pickle
+    import tempfile
+
     import torch.multiprocessing as mp
 
     if processes < 1:
@@ -204,36 +214,34 @@ def run_local_group(fn, args: tuple, processes: int, threads: int = 0):
         raise ValueError(f"train.processes: expected 1 inside a process group that is already running (torchrun "
                          f"or train.processes; WORLD_SIZE={os.environ.get('WORLD_SIZE')}), got {processes}")
     threads = threads or max(1, (os.cpu_count() or 1) // processes)
-    results = mp.get_context("spawn").SimpleQueue()
-    group = mp.start_processes(_group_member, args=(fn, args, processes, _free_port(), threads, results),
-                               nprocs=processes, join=False, start_method="spawn")
     failure: BaseException | None = None
-    got = []
-    try:
-        # drain while waiting: a result larger than the pipe's buffer blocks its sender until it is read
-        while True:
-            while not results.empty():
-                got.append(results.get())
-            if group.join(timeout=0.5):
-                break
-    except mp.ProcessExitedException as exc:
-        how = (f"was killed by {exc.signal_name} (out of memory? try fewer processes or a smaller "
-               "train.batch_size)") if exc.signal_name else f"ended with exit code {exc.exit_code}"
-        failure = RuntimeError(f"train.processes: process {exc.error_index} of {processes} {how}")
-    finally:
-        for p in group.processes:  # Ctrl-C or a failure: nobody is left behind
-            if p.is_alive():
-                p.terminate()
-        for p in group.processes:
-            p.join()
-    while not results.empty():
-        got.append(results.get())
-    for kind, _, payload in got:
+    with tempfile.TemporaryDirectory(prefix="policy-stack-group-") as out_dir:
+        group = mp.start_processes(_group_member, args=(fn, args, processes, _free_port(), threads, out_dir),
+                                   nprocs=processes, join=False, start_method="spawn")
+        try:
+            while not group.join():
+                pass
+        except mp.ProcessExitedException as exc:
+            how = (f"was killed by {exc.signal_name} (out of memory? try fewer processes or a smaller "
+                   "train.batch_size)") if exc.signal_name else f"ended with exit code {exc.exit_code}"
+            failure = RuntimeError(f"train.processes: process {exc.error_index} of {processes} {how}")
+        finally:
+            for p in group.processes:  # Ctrl-C or a failure: nobody is left behind
+                if p.is_alive():
+                    p.terminate()
+            for p in group.processes:
+                p.join()
+        outcomes = {}
+        for rank in range(processes):
+            path = os.path.join(out_dir, f"rank{rank}.pkl")
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    outcomes[rank] = pickle.load(f)
+    for kind, payload in outcomes.values():
         if kind == "error":  # the member's own exception first: it says what went wrong
             raise payload from None
     if failure is not None:
         raise failure from None
-    for kind, _, payload in got:
-        if kind == "result":
-            return payload
-    raise RuntimeError(f"train.processes: the group of {processes} ended without rank 0's result")
+    if 0 not in outcomes:
+        raise RuntimeError(f"train.processes: the group of {processes} ended without rank 0's result")
+    return outcomes[0][1]
