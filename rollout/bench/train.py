@@ -10,7 +10,7 @@ torch.utils.flop_counter: convolutions and matrix products, not elementwise work
 time, beside the rate of a 1024x1024 float32 matmul measured in the same run on
 the same threads: their ratio is the share of the machine's dense arithmetic rate training reaches.
 With train.processes = N the N processes train together (one gloo group, each its share of the batch):
-samples/s and FLOPs are the group's, the reference the N processes' matmuls run at the same time.
+samples/s and FLOPs are the group's, the reference the sum of the N processes' matmul rates.
 --profile N: where the time goes, by operator (torch.profiler), for N more steps.
 """
 from __future__ import annotations
@@ -155,12 +155,17 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
         per_step = float(arr[:, 0].sum())
         world = trainer.info.world_size
         # A process group: every member ran its share of each step, so the step's work is world x this
-        # member's; the reference is the members' matmuls run at the same time, summed.
+        # member's; the reference is the sum of the members' matmul rates, each measured while the others
+        # wait (measured at once they shared the memory bus and varied 100-185 GFLOP/s between runs).
         flops *= world
         frames *= world
         achieved = flops / float(med[0]) / 1e9
-        barrier(trainer.info)
-        reference = float(mean_over_ranks(torch.tensor([matmul_gflops(dev)]), trainer.info)[0]) * world
+        mine = 0.0
+        for r in range(world):
+            barrier(trainer.info)
+            if r == trainer.info.rank:
+                mine = matmul_gflops(dev)
+        reference = float(mean_over_ranks(torch.tensor([mine]), trainer.info)[0]) * world
         profiled = profile_steps(trainer, profile) if profile else None  # rank 0's view in a group
         shutdown(trainer.info)
         return {
