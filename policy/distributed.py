@@ -193,6 +193,12 @@ def _group_member(rank: int, fn, args: tuple, world: int, port: int, threads: in
         code = 1
     except KeyboardInterrupt:
         code = 130
+    # multiprocessing's own finalizers still run (what a process's normal exit runs): the semaphores this
+    # member made (tqdm's lock) are given back to the resource tracker instead of reported as leaked.
+    from multiprocessing import util
+
+    util._run_finalizers(0)
+    util._run_finalizers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # no interpreter teardown (see keep_until_exit)
