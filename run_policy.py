@@ -112,8 +112,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     cores = os.cpu_count() or 1
     if not any(o.startswith(("train.processes=", "train.num_threads=")) for o in overrides) and cores >= 2:
         # Nothing else runs during the training stage: use every core, as two data-parallel processes (2 x 1
-        # thread trained the quickstart at 2.0x one thread's frames/s, 2 threads in one process 1.12x; bench
-        # train, docs/RESULTS.md 4). Two whatever the core count: each normalises its BatchNorm over 32 frames,
+        # thread trained the demo 1.56x faster than 2 threads in one process, same loss and success;
+        # docs/RESULTS.md 4b). Two whatever the core count: each normalises its BatchNorm over 32 frames,
         # so the demo trains the same policy on any machine with 2 or more cores.
         overrides += ["train.processes=2", f"train.num_threads={cores // 2}"]
     cfg = load_config(config_path(a), overrides)

@@ -475,7 +475,7 @@ class TrainConfig:
     num_threads: int = 0  # torch intra-op threads (per process); 0 = torch's default, or the cores shared out
     # Data-parallel processes on this machine (CPU), started by `train` itself as one gloo group: each takes
     # batch_size / processes samples (BatchNorm normalises over those). On a CPU, 2 processes x 1 thread
-    # trained the quickstart 2.0x as fast as 1 thread, 2 threads in one process 1.12x (docs/RESULTS.md 4).
+    # trained the quickstart 1.4-2.0x as fast as 1 thread, 2 threads in one process 1.12-1.18x (RESULTS.md 4b).
     # Like the world size under torchrun it fixes the data order: a run resumes with the same value.
     processes: int = 1
     # Cross-entropy against a Gaussian over neighbouring bins (sigma in bins; 0 = one-hot, as RT-1).

@@ -129,8 +129,8 @@ def shutdown(info: DistInfo) -> None:
 
 # -- a process group on this machine, started from Python -------------------------------------------------
 # On a CPU, one process per core with one torch thread each trains faster than one process with a thread per
-# core: the quickstart's small convolutions and attention parallelise badly over threads (2 threads: 1.12x
-# one thread's frames/s; 2 processes: 2.0x; docs/RESULTS.md section 4). `train.processes` starts such a
+# core: the quickstart's small convolutions and attention parallelise badly over threads (2 threads:
+# 1.12-1.18x one thread's frames/s; 2 processes: 1.4-2.0x; docs/RESULTS.md 4b). `train.processes` starts such a
 # group itself, as `torchrun --standalone --nproc_per_node N` would, so the demo and `train` need no launcher.
 LOCAL_GROUP_ENV = "POLICY_STACK_LOCAL_GROUP"  # set in the group's processes: they must not start another
 
