@@ -114,8 +114,9 @@ def cmd_demo(a: argparse.Namespace) -> dict:
         # Nothing else runs during the training stage: use every core, as two data-parallel processes (2 x 1
         # thread trained the demo 1.56x faster than 2 threads in one process, same loss and success;
         # docs/RESULTS.md 4b). Two whatever the core count: each normalises its BatchNorm over 32 frames,
-        # so the demo trains the same policy on any machine with 2 or more cores.
-        overrides += ["train.processes=2", f"train.num_threads={cores // 2}"]
+        # so the demo trains the same policy on any machine with 2 or more cores; the group shares the
+        # cores out between its processes.
+        overrides.append("train.processes=2")
     cfg = load_config(config_path(a), overrides)
     timings = {}
     t = time.perf_counter()

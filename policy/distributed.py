@@ -152,7 +152,7 @@ _KEPT: list = []
 
 
 def keep_until_exit(obj) -> None:
-    """In a run_local_group member: hold `obj` (a Trainer) until the process ends. Members end with
+    """In a run_local_group member: hold `obj` (every Trainer holds itself) until the process ends. Members end with
     os._exit, so its tf.data iterator is never destroyed: that destructor waited forever for the input
     pipeline's threads at the end of a demo-sized run (both members hung after their last step)."""
     if os.environ.get(LOCAL_GROUP_ENV) == "1":

@@ -381,6 +381,7 @@ class Trainer:
             torch.set_num_threads(t.num_threads)
 
         self.inputs = _build_data(cfg, data_path, self.info.rank, self.info.world_size, t.seed)
+        keep_until_exit(self)  # in a train.processes member its input pipeline must outlive the run
         data = self.dataset = self.inputs.dataset
         source = _source_policy(cfg)
         for ds in self.inputs.datasets:  # every dataset of a mixture, not only the first
@@ -726,7 +727,6 @@ def train(cfg: ExperimentConfig, data_path: str | Path | None, out_dir: str | Pa
         return run_local_group(train, (cfg, data_path, out_dir, progress, resume, evaluator), cfg.train.processes,
                                cfg.train.num_threads)
     trainer = Trainer(cfg, data_path, out_dir, progress=progress, resume=resume, evaluator=evaluator)
-    keep_until_exit(trainer)
     try:
         return trainer.run()
     finally:

@@ -112,8 +112,7 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
     import torch
 
     from policy.config import load_config
-    from policy.distributed import (barrier, in_launched_group, keep_until_exit, mean_over_ranks, run_local_group,
-                                    shutdown)
+    from policy.distributed import barrier, in_launched_group, mean_over_ranks, run_local_group, shutdown
     from policy.train import Trainer
 
     if steps < 1:
@@ -133,7 +132,6 @@ def bench_train(config: str, data: str | None, steps: int, overrides: list[str] 
                                   cfg.train.num_threads)
             return {**res, "data": data_label}
         trainer = Trainer(cfg, data, Path(tmp) / "run", progress=False)
-        keep_until_exit(trainer)
         dev = trainer.info.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
